@@ -1,0 +1,27 @@
+"""The one error type for user mistakes. The CLI prints it as one line and exits 2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad recipe field, CLI flag, file or artifact.
+
+    ``problems`` holds one line per problem (``field: value — what is allowed``).
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = [p for p in problems if p]
+        super().__init__("\n".join(self.problems))
+
+    @classmethod
+    def field(cls, field: str, value: Any, allowed: str) -> UserError:
+        """A single-field problem, phrased the same way everywhere."""
+        return cls(f"{field}: {short(value)} — {allowed}")
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr() of a value, cut so that one problem stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,145 @@
+"""Model I/O: the one loader and saver for models (Hugging Face format, safetensors only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from llmpress.components.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+WEIGHT_SUFFIX = ".safetensors"
+
+
+class ModelSpec(BaseModel):
+    """Which model to start from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="local dir, s3://bucket/prefix, hf:ORG/NAME (or ORG/NAME), or builtin:NAME")
+    revision: str | None = Field(None, description="git revision on the hub (hf sources)")
+    dtype: Dtype = Field("auto", description="dtype the stages load the model in")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model (opt-in only)")
+
+    def kind(self) -> str:
+        """'builtin', 's3', 'local' or 'hf'."""
+        if self.source.startswith("builtin:"):
+            return "builtin"
+        if self.source.startswith("s3://"):
+            return "s3"
+        if self.source.startswith(("/", "./", "../", "~")) or Path(self.source).exists():
+            return "local"
+        return "hf"
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    return sorted(Path(model_dir).glob(f"*{WEIGHT_SUFFIX}"))
+
+
+def weights_size_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files: what a model costs on disk, tokenizer excluded."""
+    return sum(p.stat().st_size for p in weight_files(model_dir))
+
+
+def check_model_dir(model_dir: str | Path, field: str = "model.source") -> Path:
+    """A usable model directory has config.json and safetensors weights (never pickles)."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise UserError.field(field, str(model_dir), "no such model directory")
+    if not (path / "config.json").is_file():
+        raise UserError.field(field, str(model_dir), "not a Hugging Face model directory (config.json missing)")
+    if not weight_files(path):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f"found only pickled weights ({', '.join(pickles[:3])}); convert to safetensors" if pickles else "no weight files"
+        raise UserError.field(field, str(model_dir), f"safetensors weights required: {hint}")
+    return path
+
+
+def fetch_model(spec: ModelSpec, dest: str | Path) -> Path:
+    """Materialize a local, hub or builtin model as a safetensors directory at ``dest``."""
+    dest = Path(dest)
+    kind = spec.kind()
+    if kind == "builtin":
+        from llmpress.components.builtin_models import build_builtin
+
+        src = build_builtin(spec.source.removeprefix("builtin:"))
+    elif kind == "local":
+        src = check_model_dir(spec.source)
+    elif kind == "hf":
+        src = _snapshot(spec)
+    else:
+        raise UserError.field("model.source", spec.source, "s3:// models are downloaded by the component layer")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", ".git*"))
+    return dest
+
+
+def _snapshot(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo = spec.source.removeprefix("hf:")
+    try:
+        path = snapshot_download(repo, revision=spec.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # offline, unknown repo, gated: all user-fixable
+        raise UserError.field("model.source", spec.source, f"not a local directory and not loadable from the Hugging Face hub ({type(err).__name__})") from None
+    return check_model_dir(path)
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) from a safetensors directory, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_model(model: Any, tokenizer: Any, dest: str | Path, **save_kwargs: Any) -> Path:
+    """Write a model directory with safetensors weights and its tokenizer."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True, **save_kwargs)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Quantization bookkeeping (scales, zero points, activation order), not model parameters.
+_OVERHEAD_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "_global_scale", "_shape")
+
+
+def count_parameters(model: Any) -> int:
+    """Logical parameter count, the same for a model before and after quantization:
+    packed low-bit weights count as the dense matrix they encode; scales do not count."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or name.endswith(_OVERHEAD_SUFFIXES):
+                continue
+            seen.add(id(param))
+            if name == "weight_packed":
+                total += module.in_features * module.out_features
+            else:
+                total += param.numel()
+    return total

@@ -1,0 +1,175 @@
+"""What each pipeline step does around the stage logic: fetch inputs, open the
+tracking run, call the stage, log its metrics, pass the run's history on.
+
+No kfp here (``kubeflow.py`` holds the thin KFP shells that call these functions), so
+every step runs and is tested as plain Python. ``history`` is the JSON string passed
+from step to step: ``{"recipe", "tracking", "baseline", "stages"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmpress.components import report, tracking
+from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.errors import UserError
+from llmpress.components.modelio import ModelSpec, fetch_model
+from llmpress.components.stages import evaluate as evaluate_stage
+from llmpress.components.stages import quantize as quantize_stage
+
+log = logging.getLogger("llmpress")
+
+
+def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A user mistake found inside a step ends it with one line and exit code 2."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            for line in err.problems:
+                print(f"llmpress: error: {line}", flush=True)
+            sys.exit(2)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@user_errors_exit
+def import_model(model_json: str, recipe_json: str, model_out: str) -> str:
+    """Materialize the model as a safetensors directory and open the parent run."""
+    spec = ModelSpec.model_validate_json(model_json)
+    recipe = json.loads(recipe_json)
+    fetch_model(spec, model_out)
+    parent = tracking.start_parent(
+        recipe["tracking"]["experiment"], recipe["name"], params=recipe,
+        tags={"llmpress.recipe_hash": recipe_hash(recipe), "llmpress.recipe": recipe["name"], **_kfp_tags()},
+    )
+    history = {
+        "recipe": {"name": recipe["name"], "hash": recipe_hash(recipe)},
+        "tracking": {"parent_run_id": parent, "experiment": recipe["tracking"]["experiment"]},
+        "baseline": {"metrics": {}, "run_id": None},
+        "stages": [],
+    }
+    return json.dumps(history)
+
+
+def _kfp_tags() -> dict[str, str]:
+    import os
+
+    run_id = os.environ.get("KFP_RUN_ID") or os.environ.get("KFP_POD_NAME")
+    return {"llmpress.kfp_run": run_id} if run_id else {}
+
+
+def _quantize(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
+    config = quantize_stage.QuantizeConfig.model_validate(_config_fields(stage, quantize_stage.QuantizeConfig))
+    data = config.calibration or calibration
+    return quantize_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+
+
+STAGE_RUNNERS: dict[str, Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]] = {
+    "quantize": _quantize,
+}
+BUILT_KINDS = ("quantize", "evaluate")
+
+
+def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
+    return {k: v for k, v in stage.items() if k in config_type.model_fields}
+
+
+@user_errors_exit
+def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: str, history_json: str) -> tuple[str, dict[str, Any]]:
+    """Run one model-producing stage; returns (history, metrics)."""
+    stage = json.loads(stage_json)
+    history = json.loads(history_json)
+    runner = STAGE_RUNNERS.get(stage["kind"])
+    if runner is None:
+        raise UserError.field(f"stages.{stage['name']}.kind", stage["kind"], f"not built yet in this version; built: {', '.join(BUILT_KINDS)}")
+    run_id = tracking.start_child(history["tracking"]["parent_run_id"], stage["name"], stage)
+    start = time.time()
+    log.info("stage %s (%s) started", stage["name"], stage["kind"])
+    try:
+        metrics = runner(model_in, model_out, stage, DataSpec.model_validate_json(calibration_json))
+    except BaseException:
+        tracking.finish(run_id, "FAILED")
+        raise
+    metrics.setdefault("wall_time_s", time.time() - start)
+    tracking.log_metrics(run_id, metrics)
+    tracking.finish(run_id)
+    log.info("stage %s finished in %.1fs: %s", stage["name"], metrics["wall_time_s"], json.dumps(metrics))
+    history["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id})
+    return json.dumps(history), metrics
+
+
+@user_errors_exit
+def evaluate(model_in: str, config_json: str, data_json: str, target: str, history_json: str) -> tuple[str, dict[str, Any]]:
+    """Evaluate a model. ``target`` is 'baseline', the name of the stage whose output this
+    is (its record gains the metrics), or the name of an explicit evaluate stage."""
+    history = json.loads(history_json)
+    config = evaluate_stage.EvaluateConfig.model_validate_json(config_json)
+    data = config.data or DataSpec.model_validate_json(data_json)
+    texts = load_texts(data, "data.evaluation")
+    baseline = history["baseline"]["metrics"] if target != "baseline" else None
+    metrics = evaluate_stage.run(model_in, config, data, texts, baseline=baseline)
+    parent = history["tracking"]["parent_run_id"]
+    if target == "baseline":
+        run_id = tracking.start_child(parent, "baseline", {"evaluation": json.loads(config_json)})
+        history["baseline"] = {"metrics": metrics, "run_id": run_id}
+    else:
+        record = next((s for s in history["stages"] if s["name"] == target), None)
+        if record is None:  # an explicit evaluate stage: a record of its own
+            run_id = tracking.start_child(parent, target, {"evaluation": json.loads(config_json)})
+            record = {"name": target, "kind": "evaluate", "metrics": {}, "run_id": run_id}
+            history["stages"].append(record)
+        else:
+            run_id = record["run_id"]
+        # the producing stage's own figures stay; the evaluation adds quality and ratios
+        record["metrics"] = {**metrics, **record["metrics"]}
+    tracking.log_metrics(run_id, metrics)
+    if target == "baseline" or record["kind"] == "evaluate":
+        tracking.finish(run_id)
+    log.info("evaluation of %s: perplexity %.3f over %d tokens", target, metrics["perplexity"], metrics["eval_tokens"])
+    return json.dumps(history), metrics
+
+
+@user_errors_exit
+def finish(history_json: str, results_path: str, report_path: str) -> None:
+    """Write results.json and the Markdown report; log both on the parent run and close it."""
+    history = json.loads(history_json)
+    results = {k: history[k] for k in ("recipe", "tracking", "baseline", "stages")}
+    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(results_path).write_text(json.dumps(results, indent=2))
+    Path(report_path).write_text(report.markdown(results))
+    parent = history["tracking"]["parent_run_id"]
+    if parent:
+        final = history["stages"][-1]["metrics"] if history["stages"] else history["baseline"]["metrics"]
+        tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
+        tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in history["baseline"]["metrics"].items()})
+        for path, name in ((results_path, "results.json"), (report_path, "report.md")):
+            _log_named(parent, path, name)
+        tracking.finish(parent)
+    print(report.table(results), flush=True)
+
+
+def _log_named(run_id: str, path: str, name: str) -> None:
+    """Log a file under a fixed name (KFP output paths end in the output's name)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / name
+        shutil.copyfile(path, target)
+        tracking.log_artifact(run_id, target)

@@ -1,0 +1,96 @@
+"""The one entry point: ``llmpress validate | run | compile | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from llmpress import __version__
+from llmpress.components.errors import UserError
+
+EXIT_USER = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 — never usage spam
+        print(f"llmpress: error: {message} (see llmpress {self.prog.split()[-1] if ' ' in self.prog else ''} --help)".replace("  ", " "), file=sys.stderr)
+        sys.exit(EXIT_USER)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmpress", description="Compress LLMs with Kubeflow Pipelines v2.")
+    parser.add_argument("--version", action="version", version=f"llmpress {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="check a recipe; prints ok or one line per problem")
+    p.add_argument("recipe")
+
+    p = sub.add_parser("run", help="run a recipe locally (kfp.local, local artifacts, sqlite MLflow)")
+    p.add_argument("recipe")
+    p.add_argument("--out", type=Path, help="run folder (default: <storage.root>/<recipe name>)")
+
+    p = sub.add_parser("compile", help="compile a recipe to Kubeflow Pipelines IR YAML")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+
+    p = sub.add_parser("report", help="print the results table of a finished run folder and write report.md")
+    p.add_argument("run_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        for line in err.problems:
+            print(f"llmpress: error: {line}", file=sys.stderr)
+        return EXIT_USER
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from llmpress.components import report
+    from llmpress.recipe import load_recipe
+
+    if args.command == "report":
+        results_file = args.run_dir / "results.json"
+        if not results_file.is_file():
+            raise UserError.field("run_dir", str(args.run_dir), "no results.json there; pass the folder of a finished llmpress run")
+        try:
+            results = json.loads(results_file.read_text())
+            text = report.table(results)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError.field("run_dir", str(results_file), "not an llmpress results.json") from None
+        (args.run_dir / "report.md").write_text(report.markdown(results))
+        print(text)
+        return 0
+
+    recipe = load_recipe(args.recipe)
+    if args.command == "validate":
+        print("ok")
+        return 0
+    if args.command == "compile":
+        from llmpress.pipeline import compile_recipe
+
+        print(compile_recipe(recipe, args.output))
+        return 0
+    # run
+    from llmpress.local import StageFailed, default_out_dir, run_local
+
+    out_dir = args.out or default_out_dir(recipe)
+    try:
+        results = run_local(recipe, out_dir)
+    except StageFailed as err:
+        print(f"llmpress: error: {err}; the step's own log above says why", file=sys.stderr)
+        return 1
+    print()
+    print(report.table(results))
+    print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

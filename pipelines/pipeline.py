@@ -1,0 +1,80 @@
+"""Recipe → Kubeflow pipeline: import, baseline evaluation, the stages in order (each
+followed by an evaluation of its output), and the report. Compiles to KFP IR YAML.
+(No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)"""
+
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+from llmpress import __version__
+from llmpress.components import kubeflow
+from llmpress.recipe import PRODUCES_MODEL, Recipe, Resources
+
+IMAGE_REPOSITORY = "ghcr.io/llmpress/llmpress"
+DEFAULT_ACCELERATOR = "nvidia.com/gpu"
+
+
+def default_image() -> str:
+    return f"{IMAGE_REPOSITORY}:{__version__}"
+
+
+def apply_resources(task: Any, resources: Resources) -> None:
+    """Requests, limits, GPUs, node selector and tolerations on one task."""
+    if resources.cpu:
+        task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+    if resources.memory:
+        task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+    if resources.gpus:
+        task.set_accelerator_type(resources.accelerator or DEFAULT_ACCELERATOR)
+        task.set_accelerator_limit(resources.gpus)
+    for key, value in resources.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in resources.tolerations:
+        kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+
+
+def build_pipeline(recipe: Recipe) -> Any:
+    """The KFP pipeline function for ``recipe`` (call it under kfp.local, or compile it)."""
+    ops = kubeflow.build(recipe.image or default_image())
+    recipe_json = recipe.model_dump_json()
+    evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
+    eval_data = recipe.data.evaluation.model_dump_json()
+    calibration = recipe.data.calibration.model_dump_json()
+
+    def evaluate(model: Any, history: Any, target: str, config_json: str, resources: Resources) -> Any:
+        task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, history=history)
+        task.set_display_name(f"evaluate-{target}")
+        apply_resources(task, resources)
+        return task
+
+    @dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress recipe {recipe.name}")
+    def pipeline() -> dsl.Artifact:
+        imported = ops["import_model"](model_json=recipe.model.model_dump_json(), recipe_json=recipe_json)
+        imported.set_display_name("import-model")
+        model = imported.outputs["model"]
+        history = evaluate(model, imported.outputs["Output"], "baseline", evaluation, recipe.evaluation.resources).outputs["Output"]
+        for stage in recipe.stages:
+            if stage.kind == "evaluate":
+                config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
+                history = evaluate(model, history, stage.name, config, stage.resources).outputs["Output"]
+                continue
+            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, history=history)
+            task.set_display_name(stage.name)
+            apply_resources(task, stage.resources)
+            model, history = task.outputs["model_out"], task.outputs["Output"]
+            if stage.kind in PRODUCES_MODEL and recipe.evaluation.after_each_stage:
+                history = evaluate(model, history, stage.name, evaluation, recipe.evaluation.resources).outputs["Output"]
+        final = ops["finish"](history=history)
+        final.set_display_name("report")
+        return final.outputs["results"]
+
+    return pipeline
+
+
+def compile_recipe(recipe: Recipe, output: str | Path) -> Path:
+    """Write the KFP IR YAML for ``recipe``."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(recipe), package_path=str(output))
+    return output
+

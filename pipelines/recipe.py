@@ -1,0 +1,254 @@
+"""The recipe: a YAML file that says what to compress, how, and where it runs.
+
+``load_recipe`` returns a typed ``Recipe`` or raises one ``UserError`` carrying one
+line per problem: ``field: value — what is allowed``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from llmpress.components.data import DataSpec
+from llmpress.components.errors import UserError, short
+from llmpress.components.modelio import ModelSpec
+from llmpress.components.stages.distill import DistillConfig
+from llmpress.components.stages.evaluate import EvaluateConfig
+from llmpress.components.stages.prune import PruneConfig
+from llmpress.components.stages.quantize import QuantizeConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|K|M|G|T)?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Toleration(Strict):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Resources(Strict):
+    """Where a step runs on the cluster (ignored by the local runner)."""
+
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per pod")
+    accelerator: str | None = Field(None, description="resource name of the GPU, default nvidia.com/gpu")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    cpu: str | None = Field(None, pattern=QUANTITY, description="Kubernetes quantity, e.g. '4' or '500m'")
+    memory: str | None = Field(None, pattern=QUANTITY, description="Kubernetes quantity, e.g. '32Gi'")
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpus(self) -> Resources:
+        if self.accelerator and not self.gpus:
+            raise ValueError(f"accelerator {self.accelerator!r} is set but gpus is 0; set gpus >= 1 or drop accelerator")
+        return self
+
+
+class StageCommon(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', at most 40")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class QuantizeStage(StageCommon, QuantizeConfig):
+    kind: Literal["quantize"]
+
+
+class PruneStage(StageCommon, PruneConfig):
+    kind: Literal["prune"]
+
+
+class DistillStage(StageCommon, DistillConfig):
+    kind: Literal["distill"]
+
+
+class EvaluateStage(StageCommon, EvaluateConfig):
+    kind: Literal["evaluate"]
+
+
+Stage = Annotated[Union[DistillStage, PruneStage, QuantizeStage, EvaluateStage], Field(discriminator="kind")]  # noqa: UP007
+STAGE_TYPES: dict[str, type[BaseModel]] = {"distill": DistillStage, "prune": PruneStage, "quantize": QuantizeStage, "evaluate": EvaluateStage}
+PRODUCES_MODEL = ("distill", "prune", "quantize")
+
+
+class Data(Strict):
+    calibration: DataSpec = Field(default_factory=lambda: DataSpec(source="builtin:pydoc-train", num_samples=64, seq_len=256))
+    evaluation: DataSpec = Field(default_factory=lambda: DataSpec(source="builtin:pydoc-eval", num_samples=64, seq_len=256))
+
+
+class Evaluation(EvaluateConfig):
+    after_each_stage: bool = Field(True, description="evaluate the output of every model-producing stage")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class Tracking(Strict):
+    experiment: str = Field("llmpress", min_length=1, max_length=200)
+
+
+class Storage(Strict):
+    root: str = Field("./llmpress-runs", min_length=1, description="artifact root: a local folder or s3://bucket/prefix")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', at most 40")
+    description: str = ""
+    model: ModelSpec
+    teacher: ModelSpec | None = None
+    data: Data = Field(default_factory=Data)
+    stages: list[Stage] = Field(min_length=1, max_length=32)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: Storage = Field(default_factory=Storage)
+    image: str | None = Field(None, description="container image for every step; default: the release image")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        problems = []
+        seen: set[str] = set()
+        quantized_by: str | None = None
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.name in seen:
+                problems.append(f"{where}.name: {stage.name!r} — names must be unique; it is used twice")
+            seen.add(stage.name)
+            if quantized_by and stage.kind in PRODUCES_MODEL:
+                problems.append(f"{where}.kind: {stage.kind!r} — cannot follow quantize stage {quantized_by!r}; put {stage.kind} before quantize")
+            if stage.kind == "quantize":
+                quantized_by = stage.name
+            device = getattr(stage, "device", None)
+            if device == "cpu" and stage.resources.gpus:
+                problems.append(f"{where}.device: 'cpu' — resources.gpus is {stage.resources.gpus}; use device auto/cuda or gpus: 0")
+        if any(s.kind == "distill" for s in self.stages) and self.teacher is None:
+            problems.append("teacher: missing — a distill stage needs a teacher model")
+        if self.teacher is not None and not any(s.kind == "distill" for s in self.stages):
+            problems.append("teacher: given — no distill stage uses it; add a distill stage or drop teacher")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def stage_json(self, stage: Any) -> str:
+        """A stage's config as the JSON a component receives (resources stay here)."""
+        return stage.model_dump_json(exclude={"resources"})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file; local paths become relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError.field("recipe", str(path), "file not found" if not path.exists() else "not a file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"recipe: {str(path)!r} — not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError.field("recipe", str(path), "not a UTF-8 text file") from None
+    return parse_recipe(data, base_dir=path.parent)
+
+
+def parse_recipe(data: Any, base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe already parsed from YAML/JSON."""
+    if not isinstance(data, dict):
+        raise UserError.field("recipe", type(data).__name__, "must be a mapping of fields (name, model, stages, ...)")
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(*_format(err)) from None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    def fix(spec: Any) -> Any:
+        if isinstance(spec, dict) and isinstance(spec.get("source"), str):
+            src = spec["source"]
+            if src.startswith(("./", "../")):
+                return {**spec, "source": str((base / src).resolve())}
+        return spec
+
+    out = dict(data)
+    for key in ("model", "teacher"):
+        out[key] = fix(out.get(key)) if key in out else None
+        if out[key] is None:
+            out.pop(key)
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: fix(v) for k, v in out["data"].items()}
+    return out
+
+
+# --- turning pydantic's errors into one clear line each -------------------------------
+
+def _format(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = [p for p in e["loc"]]
+        kind_tag = None
+        # a discriminated union puts the tag into the path: stages.0.quantize.scheme
+        if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in STAGE_TYPES:
+            kind_tag = loc.pop(2)
+        path = _path(loc)
+        kind, msg, value = e["type"], e["msg"], e.get("input")
+        if kind == "union_tag_invalid":
+            lines.append(f"{path}.kind: {short(value.get('kind'))} — allowed: {', '.join(STAGE_TYPES)}")
+        elif kind == "union_tag_not_found":
+            lines.append(f"{path}.kind: missing — every stage needs kind: one of {', '.join(STAGE_TYPES)}")
+        elif kind == "missing":
+            lines.append(f"{path}: missing — required")
+        elif kind == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1], kind_tag)
+            hint = f"allowed keys: {', '.join(allowed)}" if allowed else "not a known key"
+            lines.append(f"{path}: unknown key — {hint}")
+        elif kind == "value_error" and not loc:
+            lines.extend(m.strip() for m in str(e["ctx"]["error"]).splitlines())
+        else:
+            msg = msg.removeprefix("Value error, ")
+            lines.append(f"{path}: {short(value)} — {msg}")
+    return lines
+
+
+def _path(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "recipe"
+
+
+def _allowed_keys(loc: tuple[Any, ...], kind_tag: Any) -> list[str]:
+    """The keys a model at ``loc`` accepts, found by walking the Recipe's types."""
+    current: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            current = _model_in(current)
+            continue
+        if part in STAGE_TYPES and part == kind_tag:
+            current = STAGE_TYPES[part]
+            continue
+        model = _model_in(current)
+        if model is None or part not in model.model_fields:
+            return []
+        current = model.model_fields[part].annotation
+    model = _model_in(current)
+    return list(model.model_fields) if model else []
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as ``X | None`` or ``list[X]``."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType, list, Annotated):
+        for arg in typing.get_args(tp):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models are built once per session, recipes are written to tmp."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "builtin:pydoc-llama-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The builtin tiny Llama (pretrained once, cached under $LLMPRESS_CACHE)."""
+    from llmpress.components.builtin_models import build_builtin
+
+    return build_builtin("pydoc-llama-tiny")
+
+
+def tiny_recipe(**overrides: Any) -> dict[str, Any]:
+    """A small valid recipe on the tiny model; keyword arguments replace top-level keys."""
+    recipe: dict[str, Any] = {
+        "name": "tiny-gptq",
+        "model": {"source": TINY},
+        "data": {
+            "calibration": {"source": "builtin:pydoc-train", "num_samples": 16, "seq_len": 64},
+            "evaluation": {"source": "builtin:pydoc-eval", "num_samples": 24, "seq_len": 64},
+        },
+        "stages": [{"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"}],
+        "tracking": {"experiment": "tests"},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    """Write a recipe dict (or raw text) to a YAML file and return its path."""
+
+    def write(recipe: dict[str, Any] | str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a subprocess (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "llmpress", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)

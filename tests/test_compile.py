@@ -1,0 +1,56 @@
+"""`llmpress compile`: KFP IR YAML that kfp's own loader accepts, GPU placement included."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import run_cli, tiny_recipe
+
+GPU_STAGE = {
+    "name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16",
+    "resources": {
+        "gpus": 2, "accelerator": "nvidia.com/gpu", "cpu": "8", "memory": "64Gi",
+        "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
+
+
+def compile_recipe(write_recipe, tmp_path, recipe):
+    out = tmp_path / "pipeline.yaml"
+    result = run_cli("compile", str(write_recipe(recipe)), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_compiled_yaml_loads_with_kfp(write_recipe, tmp_path):
+    from kfp import components
+
+    out = compile_recipe(write_recipe, tmp_path, tiny_recipe())
+    loaded = components.load_component_from_file(str(out))
+    assert loaded.name == "tiny-gptq"
+
+
+def test_gpu_stage_carries_accelerator_selector_and_toleration(write_recipe, tmp_path):
+    out = compile_recipe(write_recipe, tmp_path, tiny_recipe(stages=[GPU_STAGE]))
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec, platform = docs[0], docs[1]
+    (executor,) = [e for name, e in spec["deploymentSpec"]["executors"].items() if name.startswith("exec-run-stage")]
+    res = executor["container"]["resources"]
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert res["accelerator"]["resourceCount"] == "2"
+    assert res["memoryLimit"] == 68.719476736 or res["resourceMemoryLimit"] == "64Gi"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-run-stage"]
+    assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    text = out.read_text()
+    assert "nvidia.com/gpu" in text
+
+
+def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, tmp_path):
+    out = compile_recipe(write_recipe, tmp_path, tiny_recipe())
+    spec = next(yaml.safe_load_all(out.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    names = {t["taskInfo"]["name"] for t in tasks.values()}
+    assert names == {"import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
+    # the stage runs after the baseline evaluation (history) on the imported model
+    assert sorted(tasks["run-stage"]["dependentTasks"]) == ["evaluate", "import-model"]
