@@ -25,13 +25,14 @@ from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import quantize as quantize_stage
 
 log = logging.getLogger("llmpress")
+LOG_MARK = "llmpress| "
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A user mistake found inside a step ends it with one line and exit code 2."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _log_to_stdout()
         try:
             return fn(*args, **kwargs)
         except UserError as err:
@@ -46,6 +47,17 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _log_to_stdout() -> None:
+    """llmpress's own progress lines, marked so that the local runner can show just them."""
+    root = logging.getLogger("llmpress")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"{LOG_MARK}%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
 
 
 @user_errors_exit
@@ -109,7 +121,8 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
     metrics.setdefault("wall_time_s", time.time() - start)
     tracking.log_metrics(run_id, metrics)
     tracking.finish(run_id)
-    log.info("stage %s finished in %.1fs: %s", stage["name"], metrics["wall_time_s"], json.dumps(metrics))
+    log.info("stage %s finished in %.1fs: %.2f MB, %.2f bits/parameter", stage["name"], metrics["wall_time_s"],
+             metrics.get("size_bytes", 0) / 1e6, metrics.get("bits_per_parameter", 0))
     history["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id})
     return json.dumps(history), metrics
 

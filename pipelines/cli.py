@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe locally (kfp.local, local artifacts, sqlite MLflow)")
     p.add_argument("recipe")
     p.add_argument("--out", type=Path, help="run folder (default: <storage.root>/<recipe name>)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every line of every step (always in <out>/run.log)")
 
     p = sub.add_parser("compile", help="compile a recipe to Kubeflow Pipelines IR YAML")
     p.add_argument("recipe")
@@ -82,9 +83,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     out_dir = args.out or default_out_dir(recipe)
     try:
-        results = run_local(recipe, out_dir)
+        results = run_local(recipe, out_dir, verbose=args.verbose)
     except StageFailed as err:
-        print(f"llmpress: error: {err}; the step's own log above says why", file=sys.stderr)
+        print(f"llmpress: error: {err}", file=sys.stderr)
         return 1
     print()
     print(report.table(results))

@@ -6,20 +6,62 @@ Python), artifacts in a local folder, MLflow in a local sqlite file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from llmpress.components import report
 from llmpress.components.errors import UserError
+from llmpress.components.steps import LOG_MARK
 from llmpress.pipeline import build_pipeline
 from llmpress.recipe import Recipe
 
 
 class StageFailed(Exception):
     """A step of the local pipeline failed; its own log (above) says why."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEP_DONE = re.compile(r"Task '([^']+)' finished with status (\w+)")
+
+
+class _ProgressFilter(io.TextIOBase):
+    """A stdout that logs every line and shows the ones a person wants to watch."""
+
+    def __init__(self, terminal: Any, log_file: Any, verbose: bool) -> None:
+        self.terminal, self.log_file, self.verbose, self.pending = terminal, log_file, verbose, ""
+
+    def write(self, text: str) -> int:
+        self.log_file.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            shown = self._shown(_ANSI.sub("", line))
+            if shown is not None:
+                self.terminal.write(shown + "\n")
+        self.terminal.flush()
+        return len(text)
+
+    def _shown(self, line: str) -> str | None:
+        if self.verbose:
+            return line
+        if LOG_MARK in line:
+            return "  " + line.split(LOG_MARK, 1)[1]
+        if "llmpress: error:" in line:
+            return line.strip()
+        done = _STEP_DONE.search(line)
+        if done:
+            return f"  step {done.group(1)}: {done.group(2)}"
+        return None
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.terminal.flush()
 
 
 def default_out_dir(recipe: Recipe) -> Path:
@@ -29,8 +71,11 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path(root) / recipe.name
 
 
-def run_local(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
-    """Run the whole pipeline; write results.json and report.md into ``out_dir``."""
+def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline; write results.json and report.md into ``out_dir``.
+
+    Every line the runner and the steps print goes to ``out_dir/run.log``; the terminal
+    shows llmpress's progress lines, step outcomes and errors (all of it if ``verbose``)."""
     import kfp.local
 
     out_dir = out_dir.resolve()
@@ -38,13 +83,21 @@ def run_local(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir / 'mlflow.db'}")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "artifacts"), raise_on_error=True)
     pipeline = build_pipeline(recipe)
-    with warnings.catch_warnings():
-        # the release image name has no 'python' in it, which kfp.local warns about
+    log_path = out_dir / "run.log"
+    with warnings.catch_warnings(), log_path.open("a", encoding="utf-8") as log_file:
+        # the release image name has no 'python' in it, which kfp.local warns about;
+        # settings for the cluster (display names, resources) have no effect locally
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        real_stdout = sys.stdout
+        sys.stdout = _ProgressFilter(real_stdout, log_file, verbose)
         try:
             task = pipeline()
         except RuntimeError as err:
-            raise StageFailed(str(err).splitlines()[0] if str(err) else "a pipeline step failed") from None
+            first = str(err).splitlines()[0] if str(err) else "a pipeline step failed"
+            raise StageFailed(f"{_ANSI.sub('', first)}; full log: {log_path}") from None
+        finally:
+            sys.stdout = real_stdout
     results = json.loads(Path(task.output.path).read_text())
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "report.md").write_text(report.markdown(results))
