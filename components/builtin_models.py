@@ -52,10 +52,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress"))
 
 
+def check_builtin_name(name: str, field: str = "model.source") -> None:
+    if name not in BUILTINS:
+        raise UserError.field(field, f"builtin:{name}", f"builtin models are {', '.join('builtin:' + n for n in BUILTINS)}")
+
+
 def build_builtin(name: str) -> Path:
     """Return the cached model directory for ``name``, pretraining it on first use."""
-    if name not in BUILTINS:
-        raise UserError.field("model.source", f"builtin:{name}", f"builtin models are {', '.join('builtin:' + n for n in BUILTINS)}")
+    check_builtin_name(name)
     spec = BUILTINS[name]
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     final = cache_root() / "models" / f"{name}-{key}"

@@ -44,14 +44,26 @@ def pydoc_corpus(split: str) -> str:
     return "\n\n".join(topics[k] for k in chosen)
 
 
-def load_texts(spec: DataSpec, field: str = "data") -> list[str]:
-    """Read the documents of a source; a missing or unreadable source is a UserError."""
+def check_source(spec: DataSpec, field: str = "data") -> None:
+    """Refuse a builtin or local source that cannot be read, without reading it."""
     source = spec.source
     if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        if name not in BUILTIN_CORPORA:
+        if source.removeprefix("builtin:") not in BUILTIN_CORPORA:
             raise UserError.field(f"{field}.source", source, f"builtin corpora are {', '.join('builtin:' + c for c in BUILTIN_CORPORA)}")
-        return [pydoc_corpus(name.removeprefix("pydoc-"))]
+    elif not source.startswith(("hf:", "s3://")):
+        path = Path(source)
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError.field(f"{field}.source", source, f"a local file must end in {', '.join(LOCAL_SUFFIXES)}")
+        if not path.is_file():
+            raise UserError.field(f"{field}.source", source, "file not found")
+
+
+def load_texts(spec: DataSpec, field: str = "data") -> list[str]:
+    """Read the documents of a source; a missing or unreadable source is a UserError."""
+    check_source(spec, field)
+    source = spec.source
+    if source.startswith("builtin:"):
+        return [pydoc_corpus(source.removeprefix("builtin:pydoc-"))]
     if source.startswith("hf:"):
         return _load_hf(source.removeprefix("hf:"), spec, field)
     if source.startswith("s3://"):
@@ -60,10 +72,6 @@ def load_texts(spec: DataSpec, field: str = "data") -> list[str]:
 
 
 def _load_file(path: Path, text_field: str, field: str) -> list[str]:
-    if path.suffix not in LOCAL_SUFFIXES:
-        raise UserError.field(f"{field}.source", str(path), f"a local file must end in {', '.join(LOCAL_SUFFIXES)}")
-    if not path.is_file():
-        raise UserError.field(f"{field}.source", str(path), "file not found")
     if path.suffix == ".txt":
         return [path.read_text(encoding="utf-8", errors="replace")]
     if path.suffix == ".jsonl":

@@ -57,6 +57,16 @@ def check_model_dir(model_dir: str | Path, field: str = "model.source") -> Path:
     return path
 
 
+def check_source(spec: ModelSpec, field: str = "model") -> None:
+    """Refuse a local or builtin model that cannot be used, without loading it."""
+    if spec.kind() == "local":
+        check_model_dir(spec.source, f"{field}.source")
+    elif spec.kind() == "builtin":
+        from llmpress.components.builtin_models import check_builtin_name
+
+        check_builtin_name(spec.source.removeprefix("builtin:"), f"{field}.source")
+
+
 def fetch_model(spec: ModelSpec, dest: str | Path) -> Path:
     """Materialize a local, hub or builtin model as a safetensors directory at ``dest``."""
     dest = Path(dest)

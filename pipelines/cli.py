@@ -86,7 +86,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         results = run_local(recipe, out_dir, verbose=args.verbose)
     except StageFailed as err:
         print(f"llmpress: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USER if err.user_error else 1
     print()
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")

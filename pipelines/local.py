@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components import report
+from llmpress.components.data import DataSpec, check_source
 from llmpress.components.errors import UserError
+from llmpress.components.modelio import check_source as check_model_source
 from llmpress.components.steps import LOG_MARK
 from llmpress.pipeline import build_pipeline
 from llmpress.recipe import Recipe
 
 
 class StageFailed(Exception):
-    """A step of the local pipeline failed; its own log (above) says why."""
+    """A step of the local pipeline failed; its own log says why.
+
+    ``user_error`` is set when the step stopped on a user mistake (it printed an
+    ``llmpress: error:`` line, already shown), as opposed to a crash."""
+
+    def __init__(self, message: str, user_error: bool) -> None:
+        super().__init__(message)
+        self.user_error = user_error
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -35,6 +44,7 @@ class _ProgressFilter(io.TextIOBase):
 
     def __init__(self, terminal: Any, log_file: Any, verbose: bool) -> None:
         self.terminal, self.log_file, self.verbose, self.pending = terminal, log_file, verbose, ""
+        self.saw_user_error = False
 
     def write(self, text: str) -> int:
         self.log_file.write(text)
@@ -53,6 +63,7 @@ class _ProgressFilter(io.TextIOBase):
         if LOG_MARK in line:
             return "  " + line.split(LOG_MARK, 1)[1]
         if "llmpress: error:" in line:
+            self.saw_user_error = True
             return line.strip()
         done = _STEP_DONE.search(line)
         if done:
@@ -71,6 +82,20 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path(root) / recipe.name
 
 
+def preflight(recipe: Recipe) -> None:
+    """Catch missing local models and data files before any step starts."""
+    for field, model in (("model", recipe.model), ("teacher", recipe.teacher)):
+        if model is not None:
+            check_model_source(model, field)
+    sources = [("data.calibration", recipe.data.calibration), ("data.evaluation", recipe.data.evaluation)]
+    for i, stage in enumerate(recipe.stages):
+        for key in ("calibration", "data"):
+            if isinstance(getattr(stage, key, None), DataSpec):
+                sources.append((f"stages[{i}].{key}", getattr(stage, key)))
+    for field, spec in sources:
+        check_source(spec, field)
+
+
 def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
     """Run the whole pipeline; write results.json and report.md into ``out_dir``.
 
@@ -78,6 +103,7 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str,
     shows llmpress's progress lines, step outcomes and errors (all of it if ``verbose``)."""
     import kfp.local
 
+    preflight(recipe)
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir / 'mlflow.db'}")
@@ -90,12 +116,12 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str,
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         real_stdout = sys.stdout
-        sys.stdout = _ProgressFilter(real_stdout, log_file, verbose)
+        sys.stdout = progress = _ProgressFilter(real_stdout, log_file, verbose)
         try:
             task = pipeline()
         except RuntimeError as err:
             first = str(err).splitlines()[0] if str(err) else "a pipeline step failed"
-            raise StageFailed(f"{_ANSI.sub('', first)}; full log: {log_path}") from None
+            raise StageFailed(f"{_ANSI.sub('', first)}; full log: {log_path}", progress.saw_user_error) from None
         finally:
             sys.stdout = real_stdout
     results = json.loads(Path(task.output.path).read_text())

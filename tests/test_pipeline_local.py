@@ -83,3 +83,39 @@ def test_report_command_reprints_the_table(finished_run):
     result = run_cli("report", str(out))
     assert result.returncode == 0
     assert "gptq" in result.stdout and (out / "report.md").is_file()
+
+
+def test_user_mistake_inside_a_step_is_one_line_and_exit_2(write_recipe, tmp_path, tiny_model_dir):
+    # a calibration window longer than the whole calibration text is only found at run time
+    data = tmp_path / "small.txt"
+    data.write_text("just a few words of calibration text")
+    recipe = tiny_recipe(data={
+        "calibration": {"source": str(data), "num_samples": 4, "seq_len": 64},
+        "evaluation": {"source": "builtin:pydoc-eval", "num_samples": 2, "seq_len": 32},
+    })
+    result = run_cli("run", str(write_recipe(recipe)), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    shown = [line for line in result.stdout.splitlines() if line.startswith("llmpress: error:")]
+    assert len(shown) == 1
+    assert "data.calibration.seq_len: 64 — the data holds only" in shown[0]
+    assert "full log:" in result.stderr
+    assert (tmp_path / "out" / "run.log").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"model": {"source": "/nonexistent/model"}}, "model.source: '/nonexistent/model' — no such model directory"),
+        ({"data": {"calibration": {"source": "/nonexistent/calib.txt"}}}, "data.calibration.source: '/nonexistent/calib.txt' — file not found"),
+        ({"data": {"evaluation": {"source": "/tmp/data.csv"}}}, "data.evaluation.source: '/tmp/data.csv' — a local file must end in .txt, .jsonl, .parquet"),
+        ({"model": {"source": "builtin:gpt-17"}}, "model.source: 'builtin:gpt-17' — builtin models are"),
+    ],
+)
+def test_missing_inputs_are_refused_before_any_step_runs(override, expected, write_recipe, tmp_path):
+    result = run_cli("run", str(write_recipe(tiny_recipe(**override))), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"llmpress: error: {expected}")
+    assert not (tmp_path / "out" / "artifacts").exists()
