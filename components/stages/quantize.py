@@ -15,6 +15,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.measure import peak_memory, self_check
 from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.sparsity import keep_zeros
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     num_parameters = count_parameters(model)
     samples = calibration_samples(calibration, tokenizer, texts)
     with peak_memory(device) as peak:
-        _gptq(model, config, samples)
+        # a pruned model stays pruned (2:4 stays 2:4): GPTQ alone would fill the zeros in
+        with keep_zeros(model):
+            _gptq(model, config, samples)
     save_model(model, tokenizer, out_dir, save_compressed=True)
     del model
     self_check(out_dir, device)
