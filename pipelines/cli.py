@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from llmpress import __version__
+from llmpress import __version__, submit
 from llmpress.components.errors import UserError
 
 EXIT_USER = 2
@@ -36,9 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a recipe to Kubeflow Pipelines IR YAML")
     p.add_argument("recipe")
     p.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+    p.add_argument("--k8s", action="store_true", help="write Kubeflow's Kubernetes-native Pipeline + PipelineVersion resources instead")
+    p.add_argument("--version", dest="pipeline_version", default=__version__, help="with --k8s: the PipelineVersion's version label")
+    p.add_argument("--namespace", help="with --k8s: metadata.namespace of the resources")
+    p.add_argument("--defaults", type=Path, help="cluster defaults (secret names, per-kind resources): the chart's defaults.yaml")
 
     p = sub.add_parser("report", help="print the results table of a finished run folder and write report.md")
     p.add_argument("run_dir", type=Path)
+    submit.add_commands(sub)
     return parser
 
 
@@ -69,14 +74,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(text)
         return 0
 
-    recipe = load_recipe(args.recipe)
+    if args.command in ("submit", "register"):
+        return submit.run_command(args)
+    if args.command == "compile" and args.defaults:
+        from llmpress.cluster import load_recipe_with_defaults
+
+        recipe = load_recipe_with_defaults(args.recipe, args.defaults)
+    else:
+        recipe = load_recipe(args.recipe)
     if args.command == "validate":
         print("ok")
         return 0
     if args.command == "compile":
         from llmpress.pipeline import compile_recipe
 
-        print(compile_recipe(recipe, args.output))
+        if not args.k8s:
+            print(compile_recipe(recipe, args.output))
+            return 0
+        import tempfile
+
+        from llmpress import cluster
+
+        cluster.check_version_label(args.pipeline_version)
+        with tempfile.TemporaryDirectory() as tmp:
+            ir = compile_recipe(recipe, Path(tmp) / "pipeline.yaml")
+            print(cluster.write_resources(cluster.pipeline_resources(ir, args.pipeline_version, args.namespace), args.output))
         return 0
     # run
     from llmpress.local import StageFailed, default_out_dir, run_local

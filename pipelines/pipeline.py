@@ -7,6 +7,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 from llmpress import __version__
+from llmpress.cluster import apply_cluster
 from llmpress.components import kubeflow
 from llmpress.recipe import PRODUCES_MODEL, Recipe, Resources
 
@@ -14,12 +15,14 @@ IMAGE_REPOSITORY = "ghcr.io/llmpress/llmpress"
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
 
 
-def default_image() -> str:
-    return f"{IMAGE_REPOSITORY}:{__version__}"
+def default_image(flavor: str = "cuda") -> str:
+    """The release image of this package version: ``cuda`` (GPU stack) or ``cpu`` (light steps).
+    images/Makefile pushes exactly these names, so a release's pipeline finds its images."""
+    return f"{IMAGE_REPOSITORY}-{flavor}:{__version__}"
 
 
 def apply_resources(task: Any, resources: Resources) -> None:
-    """Requests, limits, GPUs, node selector and tolerations on one task."""
+    """Requests, limits, GPUs, node selector, tolerations, /dev/shm and scratch on one task."""
     if resources.cpu:
         task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
     if resources.memory:
@@ -31,26 +34,45 @@ def apply_resources(task: Any, resources: Resources) -> None:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in resources.tolerations:
         kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+    if resources.shm or resources.gpus > 1:
+        # NCCL and DataLoader workers share memory through /dev/shm; the runtime's 64Mi
+        # default makes multi-GPU steps crash. Unsized, it counts against the memory limit.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=resources.shm)
+    if resources.scratch and resources.scratch.pvc:
+        kubernetes.mount_pvc(task, pvc_name=resources.scratch.pvc, mount_path=resources.scratch.mount_path)
+    elif resources.scratch:
+        kubernetes.add_ephemeral_volume(
+            task, volume_name="scratch", mount_path=resources.scratch.mount_path, access_modes=["ReadWriteOnce"],
+            size=resources.scratch.size, storage_class_name=resources.scratch.storage_class,
+        )
 
 
 def build_pipeline(recipe: Recipe) -> Any:
     """The KFP pipeline function for ``recipe`` (call it under kfp.local, or compile it)."""
-    ops = kubeflow.build(recipe.image or default_image())
+    # GPU steps get the CUDA image, the rest the slim CPU one; `image` overrides both.
+    gpu_ops = kubeflow.build(recipe.image or recipe.cluster.gpu_image or default_image("cuda"))
+    cpu_ops = kubeflow.build(recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
+
+    def place(task: Any, resources: Resources) -> Any:
+        apply_resources(task, resources)
+        apply_cluster(task, recipe.cluster)
+        return task
     recipe_json = recipe.model_dump_json()
     evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
 
     def evaluate(model: Any, history: Any, target: str, config_json: str, resources: Resources) -> Any:
+        ops = gpu_ops if resources.gpus else cpu_ops
         task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, history=history)
         task.set_display_name(f"evaluate-{target}")
-        apply_resources(task, resources)
-        return task
+        return place(task, resources)
 
     @dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress recipe {recipe.name}")
     def pipeline() -> dsl.Artifact:
-        imported = ops["import_model"](model_json=recipe.model.model_dump_json(), recipe_json=recipe_json)
+        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), recipe_json=recipe_json)
         imported.set_display_name("import-model")
+        place(imported, recipe.cluster.light_resources)
         model = imported.outputs["model"]
         history = evaluate(model, imported.outputs["Output"], "baseline", evaluation, recipe.evaluation.resources).outputs["Output"]
         for stage in recipe.stages:
@@ -58,14 +80,16 @@ def build_pipeline(recipe: Recipe) -> Any:
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
                 history = evaluate(model, history, stage.name, config, stage.resources).outputs["Output"]
                 continue
+            ops = gpu_ops if stage.resources.gpus else cpu_ops
             task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, history=history)
             task.set_display_name(stage.name)
-            apply_resources(task, stage.resources)
+            place(task, stage.resources)
             model, history = task.outputs["model_out"], task.outputs["Output"]
             if stage.kind in PRODUCES_MODEL and recipe.evaluation.after_each_stage:
                 history = evaluate(model, history, stage.name, evaluation, recipe.evaluation.resources).outputs["Output"]
-        final = ops["finish"](history=history)
+        final = cpu_ops["finish"](history=history)
         final.set_display_name("report")
+        place(final, recipe.cluster.light_resources)
         return final.outputs["results"]
 
     return pipeline

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|K|M|G|T)?$"
+K8S_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class Strict(BaseModel):
@@ -36,6 +37,23 @@ class Toleration(Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+class Scratch(Strict):
+    """A volume at ``mount_path``: a new one of ``size`` per pod, or an existing claim."""
+
+    size: str | None = Field(None, pattern=QUANTITY, description="generic ephemeral volume, created and deleted with the pod")
+    storage_class: str | None = Field(None, pattern=K8S_NAME)
+    pvc: str | None = Field(None, pattern=K8S_NAME, description="name of an existing PersistentVolumeClaim (ReadWriteMany for multi-pod)")
+    mount_path: str = Field("/scratch", pattern=r"^/[^:]*$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Scratch:
+        if bool(self.size) == bool(self.pvc):
+            raise ValueError("scratch needs exactly one of size (a new volume per pod) or pvc (an existing claim)")
+        if self.storage_class and not self.size:
+            raise ValueError("scratch.storage_class applies to a new volume; set size, or drop storage_class")
+        return self
+
+
 class Resources(Strict):
     """Where a step runs on the cluster (ignored by the local runner)."""
 
@@ -45,6 +63,8 @@ class Resources(Strict):
     tolerations: list[Toleration] = Field(default_factory=list)
     cpu: str | None = Field(None, pattern=QUANTITY, description="Kubernetes quantity, e.g. '4' or '500m'")
     memory: str | None = Field(None, pattern=QUANTITY, description="Kubernetes quantity, e.g. '32Gi'")
+    shm: str | None = Field(None, pattern=QUANTITY, description="RAM-backed /dev/shm size; with gpus > 1 it is mounted even when unset")
+    scratch: Scratch | None = Field(None, description="a scratch volume for models larger than the node's disk")
 
     @model_validator(mode="after")
     def _accelerator_needs_gpus(self) -> Resources:
@@ -97,6 +117,20 @@ class Storage(Strict):
     root: str = Field("./llmpress-runs", min_length=1, description="artifact root: a local folder or s3://bucket/prefix")
 
 
+class Cluster(Strict):
+    """What steps need on Kubernetes. Only NAMES of Secrets and ConfigMaps: their values
+    reach the pod as environment variables and never enter the recipe or the compiled YAML."""
+
+    s3_secret: str | None = Field("llmpress-s3", pattern=K8S_NAME, description="Secret: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; null for IRSA")
+    mlflow_secret: str | None = Field("llmpress-mlflow", pattern=K8S_NAME, description="Secret: MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN")
+    config_map: str | None = Field("llmpress-env", pattern=K8S_NAME, description="ConfigMap: MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, ...")
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    gpu_image: str | None = Field(None, description="image of steps with gpus > 0; default: the release CUDA image")
+    cpu_image: str | None = Field(None, description="image of steps without GPUs; default: the release CPU image")
+    light_resources: Resources = Field(default_factory=lambda: Resources(cpu="1", memory="4Gi"), description="import and report steps")
+    run_as_user: int = Field(1000, ge=1, description="UID of every step (the images' non-root user)")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', at most 40")
     description: str = ""
@@ -107,7 +141,8 @@ class Recipe(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Tracking = Field(default_factory=Tracking)
     storage: Storage = Field(default_factory=Storage)
-    image: str | None = Field(None, description="container image for every step; default: the release image")
+    image: str | None = Field(None, description="container image for every step; default: the release images (cluster.gpu_image/cpu_image)")
+    cluster: Cluster = Field(default_factory=Cluster)
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
