@@ -53,3 +53,40 @@ def write_recipe(tmp_path: Path):
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real console entry point in a subprocess (what a user's shell runs)."""
     return subprocess.run([sys.executable, "-m", "llmpress", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 for the whole session (tests/servers.py)."""
+    from servers import s3_server as make
+
+    server = make(tmp_path_factory.mktemp("s3-server")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the test server, with the AWS variables of the environment pointing at it."""
+    import uuid
+
+    import boto3
+    from servers import s3_env
+
+    for key, value in s3_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend) for the whole session."""
+    from servers import mlflow_server as make
+
+    base = tmp_path_factory.mktemp("mlflow-server")
+    server = make(base, base / "data").start()
+    yield server
+    server.kill()

@@ -1,0 +1,317 @@
+"""The artifact store: one small interface for every place a model or dataset lives.
+
+``put_dir(local_dir, uri)``, ``get_dir(uri, local_dir)``, ``exists(uri)`` and
+``get_file(uri, path)`` work the same on a local folder and on ``s3://bucket/prefix``
+(any S3-compatible endpoint; see ``s3.py``). An artifact at ``uri`` is laid out as::
+
+    <uri>/llmpress-data/<tree>/<relative path of each file>
+    <uri>/llmpress-manifest.json      {"tree", "files": [{"path", "size", "sha256"}]}
+
+``tree`` is a hash of the file list (paths, sizes, SHA-256), so the data prefix is the
+temporary prefix of one version: it becomes the artifact only when the manifest that
+names it is written, last, in one atomic PUT/rename. Readers trust nothing without a
+manifest and verify every checksum, so a partial upload is never read as a model. The
+same content maps to the same keys, which is what makes an interrupted upload resume:
+files already there with the right checksum are skipped (and, on S3, finished parts of
+a multipart upload are reused). One writer per artifact URI at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmpress.components.errors import UserError
+
+log = logging.getLogger("llmpress.artifacts")
+
+MANIFEST = "llmpress-manifest.json"
+DATA = "llmpress-data"
+FORMAT = "llmpress-artifact/1"
+MB = 1024 * 1024
+HASH_CHUNK = 8 * MB
+
+
+@dataclass
+class Tuning:
+    """How bytes move. Defaults come from the environment so that a cluster can tune
+    them per node pool without touching recipes."""
+
+    concurrency: int = field(default_factory=lambda: int(os.environ.get("LLMPRESS_S3_CONCURRENCY", "8")))
+    part_size: int = field(default_factory=lambda: int(float(os.environ.get("LLMPRESS_S3_PART_MB", "64")) * MB))
+    retry_seconds: float = field(default_factory=lambda: float(os.environ.get("LLMPRESS_S3_RETRY_SECONDS", "300")))
+    progress: Callable[[int], None] | None = None  # called with each chunk of bytes moved
+
+
+@dataclass
+class Stats:
+    """What a transfer did: the figures a benchmark or a resume check reads."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped_files: int = 0
+    skipped_bytes: int = 0
+    reused_parts: int = 0
+    seconds: float = 0.0
+
+
+class Store(Protocol):
+    """What each backend (local folder, S3) provides; keys are relative to the artifact URI."""
+
+    def describe(self, key: str) -> str: ...
+    def read_bytes(self, key: str) -> bytes | None: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def stat(self, key: str, sha256: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
+    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None: ...
+    def download(self, key: str, path: Path, size: int) -> None: ...
+    def list(self, prefix: str) -> list[tuple[str, int]]: ...
+    def delete(self, keys: list[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def open_store(uri: str, tuning: Tuning | None = None) -> Store:
+    """The backend for ``uri``: S3 for ``s3://``, a local folder otherwise."""
+    tuning = tuning or Tuning()
+    if is_s3(uri):
+        from llmpress.components.s3 import S3Store
+
+        return S3Store(uri, tuning)
+    return LocalStore(uri, tuning)
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a file, read in chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])  # hashlib drops the GIL on large buffers: files hash in parallel
+    return digest.hexdigest()
+
+
+def _scan(local_dir: Path, concurrency: int) -> list[dict[str, Any]]:
+    if not local_dir.is_dir():
+        raise UserError.field("artifact", str(local_dir), "no such local directory to upload")
+    paths = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.endswith(".part"))
+    with ThreadPoolExecutor(concurrency) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    return [{"path": p.relative_to(local_dir).as_posix(), "size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests, strict=True)]
+
+
+def tree_id(files: list[dict[str, Any]]) -> str:
+    """The version's name: a hash of paths, sizes and checksums (same content, same keys)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(store: Store) -> dict[str, Any] | None:
+    raw = store.read_bytes(MANIFEST)
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+        assert manifest["format"] == FORMAT and isinstance(manifest["files"], list)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{store.describe(MANIFEST)}: not an llmpress manifest — remove it or point at an llmpress artifact") from None
+    return manifest
+
+
+def exists(uri: str) -> bool:
+    """True when a committed artifact (one with a manifest) is at ``uri``."""
+    store = open_store(uri)
+    try:
+        return store.read_bytes(MANIFEST) is not None
+    finally:
+        store.close()
+
+
+def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> Stats:
+    """Upload a directory as one artifact; visible only once complete (manifest last).
+
+    Rerunning after an interruption uploads only what is missing; rerunning with the
+    same content when the artifact is already committed moves nothing."""
+    tuning = tuning or Tuning()
+    start = time.monotonic()
+    local_dir = Path(local_dir)
+    files = _scan(local_dir, tuning.concurrency)
+    tree = tree_id(files)
+    stats = Stats(files=len(files))
+    store = open_store(uri, tuning)
+    try:
+        current = read_manifest(store)
+        if current and current.get("tree") == tree:
+            stats.skipped_files, stats.skipped_bytes = len(files), sum(f["size"] for f in files)
+            log.info("artifact %s already holds this content (%d files); nothing to upload", uri, len(files))
+            return stats
+        total = sum(f["size"] for f in files)
+        log.info("uploading %d files, %.1f MB to %s", len(files), total / MB, uri)
+
+        def one(entry: dict[str, Any]) -> None:
+            key = f"{DATA}/{tree}/{entry['path']}"
+            if store.stat(key, entry["sha256"]):
+                stats.skipped_files += 1
+                stats.skipped_bytes += entry["size"]
+                return
+            store.upload(local_dir / entry["path"], key, entry["size"], entry["sha256"], stats)
+            stats.bytes += entry["size"]
+
+        # large files first so that the pool never ends waiting on one big straggler
+        with ThreadPoolExecutor(tuning.concurrency) as pool:
+            list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
+        manifest = {"format": FORMAT, "tree": tree, "data": f"{DATA}/{tree}/", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+        store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit
+        _drop_old_versions(store, tree)
+    finally:
+        store.close()
+    stats.seconds = time.monotonic() - start
+    log.info("uploaded %s: %.1f MB in %.1fs (%.0f MB/s), %d files skipped as already there",
+             uri, stats.bytes / MB, stats.seconds, stats.bytes / MB / max(stats.seconds, 1e-9), stats.skipped_files)
+    return stats
+
+
+def _drop_old_versions(store: Store, tree: str) -> None:
+    """After a commit, data of other versions is garbage (readers follow the manifest)."""
+    stale = [key for key, _ in store.list(f"{DATA}/") if not key.startswith(f"{DATA}/{tree}/")]
+    if stale:
+        store.delete(stale)
+
+
+def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False) -> Stats:
+    """Download the committed artifact at ``uri`` into ``local_dir``, verifying every file.
+
+    With ``plain_ok``, a prefix without a manifest (a model someone copied there with
+    another tool) is downloaded as it is, checked by size only."""
+    tuning = tuning or Tuning()
+    start = time.monotonic()
+    local_dir = Path(local_dir)
+    store = open_store(uri, tuning)
+    try:
+        manifest = read_manifest(store)
+        if manifest is None:
+            if not plain_ok:
+                raise UserError(f"{store.describe(MANIFEST)}: no committed artifact there (no manifest: nothing was uploaded, or the upload did not finish)")
+            files, base = [{"path": k, "size": s, "sha256": None} for k, s in store.list("") if not k.startswith((DATA + "/", MANIFEST))], ""
+            if not files:
+                raise UserError(f"{store.describe('')}: nothing there (no objects under this prefix)")
+            log.info("%s has no llmpress manifest: downloading the prefix as it is (sizes checked, no checksums)", uri)
+        else:
+            files, base = manifest["files"], manifest["data"]
+        stats = Stats(files=len(files))
+        log.info("downloading %d files, %.1f MB from %s", len(files), sum(f["size"] for f in files) / MB, uri)
+
+        def one(entry: dict[str, Any]) -> None:
+            target = local_dir / entry["path"]
+            if target.is_file() and target.stat().st_size == entry["size"] and entry["sha256"] and sha256_file(target) == entry["sha256"]:
+                stats.skipped_files += 1
+                stats.skipped_bytes += entry["size"]
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            store.download(base + entry["path"], partial, entry["size"])
+            if entry["sha256"] and sha256_file(partial) != entry["sha256"]:
+                partial.unlink()
+                where = store.describe(base + entry["path"])
+                raise UserError(f"{where}: checksum mismatch — the stored object differs from its manifest; re-upload the artifact")
+            if partial.stat().st_size != entry["size"]:
+                raise UserError(f"{store.describe(base + entry['path'])}: size changed while downloading; retry")
+            os.replace(partial, target)  # a reader of local_dir never sees half a file under its real name
+            stats.bytes += entry["size"]
+
+        with ThreadPoolExecutor(tuning.concurrency) as pool:
+            list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
+    finally:
+        store.close()
+    stats.seconds = time.monotonic() - start
+    log.info("downloaded %s: %.1f MB in %.1fs (%.0f MB/s)", uri, stats.bytes / MB, stats.seconds, stats.bytes / MB / max(stats.seconds, 1e-9))
+    return stats
+
+
+def get_file(uri: str, path: str | Path, tuning: Tuning | None = None) -> Path:
+    """Download one object (a dataset file) to ``path``; its size is checked."""
+    tuning = tuning or Tuning()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    store = open_store(parent, tuning)
+    try:
+        size = store.size(name)
+        if size is None:
+            raise UserError(f"{store.describe(name)}: no such object")
+        store.download(name, path, size)
+    finally:
+        store.close()
+    return path
+
+
+class LocalStore:
+    """A folder on a local or mounted disk, with the same layout and guarantees."""
+
+    def __init__(self, uri: str, tuning: Tuning) -> None:
+        self.root = Path(str(uri).removeprefix("file://")).expanduser()
+        self.tuning = tuning
+
+    def describe(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic on one filesystem: the commit
+
+    def stat(self, key: str, sha256: str) -> bool:
+        path = self.root / key
+        return path.is_file() and sha256_file(path) == sha256
+
+    def size(self, key: str) -> int | None:
+        path = self.root / key
+        return path.stat().st_size if path.is_file() else None
+
+    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
+        self._copy(path, self.root / key)
+
+    def download(self, key: str, path: Path, size: int) -> None:
+        source = self.root / key
+        if not source.is_file():
+            raise UserError(f"{source}: missing although the manifest lists it; re-upload the artifact")
+        self._copy(source, path)
+
+    def _copy(self, source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        if self.tuning.progress:
+            self.tuning.progress(target.stat().st_size)
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        return [(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in sorted(base.rglob("*")) if p.is_file()]
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            (self.root / key).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,300 @@
+"""The S3 backend of the artifact store (AWS, MinIO, Ceph, any S3-compatible endpoint).
+
+Endpoint, region and credentials come only from the environment (``AWS_ENDPOINT_URL_S3``
+or ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``:
+on the cluster a Kubernetes Secret), which boto3 reads itself; nothing here prints them.
+
+Large files go up as multipart uploads whose parts move in parallel, each part read
+with ``pread`` (memory stays at concurrency × part size, never a whole file), and come
+down as parallel ranged GETs written in place with ``pwrite``. Every request is retried
+by botocore (``standard`` mode: 5xx, throttling, reset connections) and every part or
+whole-file operation again by ``retrying`` with backoff, so a server restart within
+``LLMPRESS_S3_RETRY_SECONDS`` is ridden out. Permanent errors become one ``UserError``
+line that names the bucket and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llmpress.components.artifacts import Stats, Tuning
+from llmpress.components.errors import UserError
+
+log = logging.getLogger("llmpress.artifacts")
+T = TypeVar("T")
+
+MIN_PART = 5 * 1024 * 1024  # S3's smallest part (all but the last)
+MAX_PARTS = 10_000
+STREAM_CHUNK = 1024 * 1024
+# Codes that no retry can fix, with what the user should do about them.
+PERMANENT = {
+    "NoSuchBucket": "the bucket does not exist at this endpoint; create it or fix the URI",
+    "AccessDenied": "access denied; the credentials in the environment may not use this bucket/key",
+    "403": "access denied; the credentials in the environment may not use this bucket/key",
+    "AllAccessDisabled": "access to this bucket is disabled",
+    "InvalidAccessKeyId": "the endpoint does not know this access key; check AWS_ACCESS_KEY_ID (its Secret)",
+    "SignatureDoesNotMatch": "the endpoint rejects the secret key; check AWS_SECRET_ACCESS_KEY (its Secret)",
+    "InvalidBucketName": "not a valid bucket name",
+    "NoSuchKey": "no such object",
+    "404": "no such object",
+}
+TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "NoSuchUpload",
+}
+
+
+def parse(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` → (``bucket``, ``a/b``)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise UserError.field("uri", uri, "an S3 URI is s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def make_client(tuning: Tuning) -> Any:
+    """A boto3 S3 client configured from the environment; safe to share between threads."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        retries={"mode": os.environ.get("LLMPRESS_S3_RETRY_MODE", "standard"), "max_attempts": int(os.environ.get("LLMPRESS_S3_MAX_ATTEMPTS", "5"))},
+        max_pool_connections=2 * tuning.concurrency + 4,
+        connect_timeout=5,
+        read_timeout=60,
+        # MinIO and most self-hosted endpoints serve buckets as paths, not as host names
+        s3={"addressing_style": "path"} if endpoint else {},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def error_code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    return str(response.get("Error", {}).get("Code")) if isinstance(response, dict) else None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth another try: connection trouble, timeouts, 5xx, throttling, lost uploads."""
+    from botocore import exceptions as bx
+
+    if isinstance(err, bx.ConnectionError | bx.ConnectionClosedError | bx.ReadTimeoutError | bx.ResponseStreamingError
+                  | bx.IncompleteReadError | bx.ChecksumError | bx.FlexibleChecksumError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(err, bx.ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error_code(err) in TRANSIENT_CODES or status >= 500 or status == 429
+    return type(err).__module__.startswith("urllib3")
+
+
+def explain(err: BaseException, where: str) -> BaseException:
+    """A permanent error as one line naming bucket and key; others pass through."""
+    from botocore import exceptions as bx
+
+    if isinstance(err, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return UserError(f"{where}: no S3 credentials in the environment — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (from a Kubernetes Secret)")
+    code = error_code(err)
+    if code in PERMANENT:
+        return UserError(f"{where}: {code} — {PERMANENT[code]}")
+    return err
+
+
+def retrying(where: str, fn: Callable[[], T], tuning: Tuning, transient: Callable[[BaseException], bool] = is_transient) -> T:
+    """``fn()`` again with exponential backoff and jitter while it fails transiently,
+    within ``tuning.retry_seconds``; anything else, or the budget spent, ends it."""
+    deadline = time.monotonic() + tuning.retry_seconds
+    for attempt in range(1, 1000):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as err:
+            if not transient(err):
+                raise explain(err, where) from None
+            delay = min(20.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            if time.monotonic() + delay > deadline:
+                raise UserError(f"{where}: {type(err).__name__} ({error_code(err) or str(err)[:80]}) — gave up after {attempt} tries "
+                                f"over {tuning.retry_seconds:.0f}s; check the endpoint and retry (finished files are kept)") from None
+            log.warning("%s: %s, try %d again in %.1fs", where, error_code(err) or type(err).__name__, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class S3Store:
+    """One artifact prefix in one bucket."""
+
+    def __init__(self, uri: str, tuning: Tuning) -> None:
+        self.bucket, self.prefix = parse(uri)
+        self.tuning = tuning
+        self.client = make_client(tuning)
+        # parts get their own pool: file tasks wait on parts and must not starve them
+        self.parts = ThreadPoolExecutor(tuning.concurrency)
+
+    def close(self) -> None:
+        self.parts.shutdown(wait=True)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _call(self, key: str, fn: Callable[[], T]) -> T:
+        return retrying(self.describe(key), fn, self.tuning)
+
+    def _moved(self, n: int) -> None:
+        if self.tuning.progress:
+            self.tuning.progress(n)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        def get() -> bytes | None:
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except Exception as err:
+                if error_code(err) in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return self._call(key, get)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        def head() -> dict[str, Any] | None:
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as err:
+                if error_code(err) in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return self._call(key, head)
+
+    def stat(self, key: str, sha256: str) -> bool:
+        head = self._head(key)
+        return head is not None and head.get("Metadata", {}).get("sha256") == sha256
+
+    def size(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        def listing() -> list[tuple[str, int]]:
+            base = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            cut = len(self.prefix) + 1 if self.prefix else 0
+            return [(o["Key"][cut:], o["Size"]) for page in pages for o in page.get("Contents", [])]
+
+        return self._call(prefix, listing)
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            self._call(keys[i], lambda b=batch: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
+
+    def part_size(self, size: int) -> int:
+        return max(self.tuning.part_size, MIN_PART, -(-size // MAX_PARTS))
+
+    # --- upload -----------------------------------------------------------------
+
+    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
+        if size <= self.part_size(size):
+            def put() -> None:
+                with open(path, "rb") as f:  # streamed by botocore, not read whole
+                    self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, Metadata={"sha256": sha256})
+                self._moved(size)
+
+            self._call(key, put)
+        else:
+            # a lost upload (NoSuchUpload, e.g. a server that restarted empty) is transient here: start over
+            self._call(key, lambda: self._multipart(path, key, size, sha256, stats))
+
+    def _multipart(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
+        full, step = self._key(key), self.part_size(size)
+        ranges = {n: (offset, min(step, size - offset)) for n, offset in enumerate(range(0, size, step), 1)}
+        upload_id, etags = self._resume(full, path, ranges)
+        if upload_id is None:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata={"sha256": sha256})["UploadId"]
+        stats.reused_parts += len(etags)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            futures = {n: self.parts.submit(self._part, fd, key, upload_id, n, *ranges[n]) for n in ranges if n not in etags}
+            for n, future in futures.items():
+                etags[n] = future.result()
+        finally:
+            os.close(fd)
+        parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        self.client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts})
+
+    def _part(self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int) -> str:
+        def send() -> str:
+            data = os.pread(fd, length, offset)
+            etag = self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
+            self._moved(length)
+            return etag
+
+        # a lost upload is not retried part by part: the whole file starts over (upload())
+        return retrying(self.describe(f"{key} (part {number})"), send, self.tuning, lambda e: is_transient(e) and error_code(e) != "NoSuchUpload")
+
+    def _resume(self, full: str, path: Path, ranges: dict[int, tuple[int, int]]) -> tuple[str | None, dict[int, str]]:
+        """An unfinished multipart upload of this key: its parts whose MD5 matches the
+        local bytes are kept (the key holds the content hash, so the file is the same)."""
+        found = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full).get("Uploads", [])
+        uploads = sorted((u for u in found if u["Key"] == full), key=lambda u: u["Initiated"])
+        if not uploads:
+            return None, {}
+        *stale, latest = uploads
+        for upload in stale:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload["UploadId"])
+        upload_id = latest["UploadId"]
+        kept: dict[int, str] = {}
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        with open(path, "rb") as f:
+            for part in (p for page in pages for p in page.get("Parts", [])):
+                n = part["PartNumber"]
+                if n not in ranges or part["Size"] != ranges[n][1]:
+                    continue
+                f.seek(ranges[n][0])
+                if hashlib.md5(f.read(ranges[n][1]), usedforsecurity=False).hexdigest() == part["ETag"].strip('"'):
+                    kept[n] = part["ETag"]
+        log.info("resuming the upload of s3://%s/%s: %d of %d parts already there", self.bucket, full, len(kept), len(ranges))
+        return upload_id, kept
+
+    # --- download ---------------------------------------------------------------
+
+    def download(self, key: str, path: Path, size: int) -> None:
+        step = self.part_size(size)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if size <= step:
+                self._call(key, lambda: self._range(fd, key, 0, size, whole=True))
+            else:
+                futures = [self.parts.submit(self._call, f"{key} (bytes {o}-)", lambda o=o: self._range(fd, key, o, min(step, size - o)))
+                           for o in range(0, size, step)]
+                for future in futures:
+                    future.result()
+        finally:
+            os.close(fd)
+
+    def _range(self, fd: int, key: str, offset: int, length: int, whole: bool = False) -> None:
+        extra = {} if whole else {"Range": f"bytes={offset}-{offset + length - 1}"}
+        response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+        if whole and response["ContentLength"] != length:
+            raise UserError(f"{self.describe(key)}: {response['ContentLength']} bytes where {length} were expected — the object changed; re-upload it")
+        body, position = response["Body"], offset
+        for chunk in body.iter_chunks(STREAM_CHUNK):
+            os.pwrite(fd, chunk, position)
+            position += len(chunk)
+            self._moved(len(chunk))
+        if position != offset + length:
+            raise ConnectionError(f"short read: {position - offset} of {length} bytes")
