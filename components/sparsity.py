@@ -12,7 +12,7 @@ calibrated on the masked outputs of the layers before it, and once more at the e
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 # A Linear counts as pruned above this fraction of exact zeros (as sparseml did):
@@ -48,13 +48,15 @@ def nm_violations(weight: Any, n: int, m: int) -> int:
     return int((zeros < n).sum())
 
 
-def layer_report(model: Any, pattern: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """Per decoder layer: fraction of zero weights in its Linears, and with ``pattern``
-    (N, M) the number of groups that break it."""
+def layer_report(model: Any, pattern: tuple[int, int] | None = None, skip: Collection[Any] = ()) -> list[dict[str, Any]]:
+    """Per decoder layer: fraction of zero weights in its Linears (those in ``skip``, left
+    dense on purpose, aside), and with ``pattern`` (N, M) the number of groups that break it."""
     report = []
     for index, layer in enumerate(decoder_layers(model)):
         zeros = total = broken = 0
         for _, linear in linear_weights(layer):
+            if linear in skip:
+                continue
             w = linear.weight.detach()
             zeros += int((w == 0).sum())
             total += w.numel()

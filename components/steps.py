@@ -22,6 +22,7 @@ from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
 from llmpress.components.modelio import ModelSpec, fetch_model
 from llmpress.components.stages import evaluate as evaluate_stage
+from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage
 
 log = logging.getLogger("llmpress")
@@ -92,10 +93,17 @@ def _quantize(model_in: str, model_out: str, stage: dict[str, Any], calibration:
     return quantize_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
 
 
+def _prune(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
+    config = prune_stage.PruneConfig.model_validate(_config_fields(stage, prune_stage.PruneConfig))
+    data = config.calibration or calibration
+    return prune_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+
+
 STAGE_RUNNERS: dict[str, Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]] = {
     "quantize": _quantize,
+    "prune": _prune,
 }
-BUILT_KINDS = ("quantize", "evaluate")
+BUILT_KINDS = ("quantize", "evaluate", "prune")
 
 
 def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
