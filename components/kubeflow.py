@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 
 def import_model(model_json: str, recipe_json: str, model: Output[Model]) -> str:
@@ -40,11 +40,11 @@ def evaluate(model: Input[Model], config_json: str, data_json: str, target: str,
     return new_history
 
 
-def finish(history: str, results: Output[Artifact], report: Output[Markdown]) -> None:
-    """Write results.json and the report; close the tracking run."""
+def finish(history: str, results: Output[Artifact], report: Output[Markdown], report_html: Output[HTML]) -> None:
+    """Write results.json and the report (Markdown and HTML); close the tracking run."""
     from llmpress.components import steps
 
-    steps.finish(history, results.path, report.path)
+    steps.finish(history, results.path, report.path, report_html.path)
 
 
 def build(image: str) -> dict[str, Any]:

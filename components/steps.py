@@ -144,7 +144,9 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, histo
     data = config.data or DataSpec.model_validate_json(data_json)
     texts = load_texts(data, "data.evaluation")
     baseline = history["baseline"]["metrics"] if target != "baseline" else None
-    metrics = evaluate_stage.run(model_in, config, data, texts, baseline=baseline)
+    explicit = target != "baseline" and all(s["name"] != target for s in history["stages"])
+    field = f"stages.{target}" if explicit else "evaluation"
+    metrics = evaluate_stage.run(model_in, config, data, texts, baseline=baseline, field=field)
     parent = history["tracking"]["parent_run_id"]
     if target == "baseline":
         run_id = tracking.start_child(parent, "baseline", {"evaluation": json.loads(config_json)})
@@ -167,21 +169,32 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, histo
 
 
 @user_errors_exit
-def finish(history_json: str, results_path: str, report_path: str) -> None:
-    """Write results.json and the Markdown report; log both on the parent run and close it."""
+def finish(history_json: str, results_path: str, report_path: str, html_path: str | None = None) -> None:
+    """Write results.json and the report (Markdown and HTML, plot inline); log them and
+    the plot on the parent run and close it."""
+    import tempfile
+
     history = json.loads(history_json)
     results = {k: history[k] for k in ("recipe", "tracking", "baseline", "stages")}
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(results, indent=2))
-    Path(report_path).write_text(report.markdown(results))
-    parent = history["tracking"]["parent_run_id"]
-    if parent:
-        final = history["stages"][-1]["metrics"] if history["stages"] else history["baseline"]["metrics"]
-        tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
-        tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in history["baseline"]["metrics"].items()})
-        for path, name in ((results_path, "results.json"), (report_path, "report.md")):
-            _log_named(parent, path, name)
-        tracking.finish(parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        earlier = report.earlier_points(results)
+        written = report.write_report(results, tmp, earlier)
+        # KFP's viewers cannot follow a relative link: the plot goes inline
+        Path(report_path).write_text(report.markdown(results, report.data_uri(written["plot"]), earlier))
+        if html_path:
+            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(html_path).write_text(written["html"].read_text())
+        parent = history["tracking"]["parent_run_id"]
+        if parent:
+            final = history["stages"][-1]["metrics"] if history["stages"] else history["baseline"]["metrics"]
+            tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
+            tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in history["baseline"]["metrics"].items()})
+            _log_named(parent, results_path, "results.json")
+            for path in written.values():
+                _log_named(parent, str(path), path.name)
+            tracking.finish(parent)
     print(report.table(results), flush=True)
 
 

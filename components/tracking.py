@@ -97,3 +97,32 @@ def log_artifact(run_id: str | None, path: str | Path) -> None:
 def finish(run_id: str | None, status: str = "FINISHED") -> None:
     if run_id:
         _client().set_terminated(run_id, status=status)
+
+
+def experiment_points(experiment: str, exclude_parent: str | None = None, keys: tuple[str, ...] = ("perplexity", "size_bytes")) -> list[dict[str, Any]]:
+    """The figures of every stage run (nested) of the experiment's pipeline runs other
+    than ``exclude_parent``: the history the report's quality-against-size plot shows."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=2000)
+    names = {r.info.run_id: r.info.run_name for r in runs if PARENT_TAG not in r.data.tags}
+    points = []
+    for r in runs:
+        parent = r.data.tags.get(PARENT_TAG)
+        if parent and parent != exclude_parent and all(k in r.data.metrics for k in keys):
+            points.append({"parent_run_id": parent, "run": names.get(parent, parent[:8]), "stage": r.info.run_name, "metrics": dict(r.data.metrics)})
+    return points
+
+
+def run_results(run_id: str) -> dict[str, Any]:
+    """The results.json logged on a pipeline's parent run (a stage's run id leads to it)."""
+    import json
+    import tempfile
+
+    client = _client()
+    run = client.get_run(run_id)
+    parent = run.data.tags.get(PARENT_TAG, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(parent, "results.json", tmp)).read_text())

@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="with --k8s: metadata.namespace of the resources")
     p.add_argument("--defaults", type=Path, help="cluster defaults (secret names, per-kind resources): the chart's defaults.yaml")
 
-    p = sub.add_parser("report", help="print the results table of a finished run folder and write report.md")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("report", help="print the results table of a finished run and write report.md, report.html and the plot")
+    p.add_argument("run_dir", metavar="RUN_DIR|MLFLOW_RUN_ID", help="a finished run folder, or an MLflow run id (looked up in MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", type=Path, help="where to write the report of an MLflow run (default: ./report-<run id>)")
     submit.add_commands(sub)
     return parser
 
@@ -62,16 +63,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     from llmpress.recipe import load_recipe
 
     if args.command == "report":
-        results_file = args.run_dir / "results.json"
-        if not results_file.is_file():
-            raise UserError.field("run_dir", str(args.run_dir), "no results.json there; pass the folder of a finished llmpress run")
+        results, folder = _finished_run(args.run_dir, args.out)
         try:
-            results = json.loads(results_file.read_text())
             text = report.table(results)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError.field("run_dir", str(results_file), "not an llmpress results.json") from None
-        (args.run_dir / "report.md").write_text(report.markdown(results))
+        except (KeyError, TypeError, AttributeError):
+            raise UserError.field("run_dir", args.run_dir, "not an llmpress results.json") from None
+        paths = report.write_report(results, folder)
         print(text)
+        print(f"\nreport: {paths['markdown']}\n        {paths['html']}\nplot:   {paths['plot']}")
         return 0
 
     if args.command in ("submit", "register"):
@@ -113,6 +112,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
     return 0
+
+
+def _finished_run(where: str, out: Path | None) -> tuple[dict, Path]:
+    """(results, folder to write the report in) of a run folder or an MLflow run id."""
+    import os
+    import re
+
+    from llmpress.components import tracking
+
+    folder = Path(where)
+    if (folder / "results.json").is_file():
+        if (folder / "mlflow.db").is_file():  # a local run's own tracking: earlier runs for the plot
+            os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+        try:
+            return json.loads((folder / "results.json").read_text()), folder
+        except json.JSONDecodeError:
+            raise UserError.field("run_dir", str(folder / "results.json"), "not an llmpress results.json") from None
+    if not re.fullmatch(r"[0-9a-f]{32}", where):
+        raise UserError.field("run_dir", where, "no results.json there; pass the folder of a finished llmpress run or an MLflow run id (32 hex digits)")
+    if not tracking.enabled():
+        raise UserError.field("run_dir", where, "an MLflow run id is looked up in MLFLOW_TRACKING_URI, which is not set")
+    try:
+        results = tracking.run_results(where)
+    except Exception as err:  # unknown run, no results.json logged, server unreachable
+        raise UserError.field("run_dir", where, f"no llmpress results.json on that MLflow run or its parent ({type(err).__name__})") from None
+    return results, out or Path(f"report-{where[:8]}")
 
 
 if __name__ == "__main__":

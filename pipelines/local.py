@@ -126,5 +126,5 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str,
             sys.stdout = real_stdout
     results = json.loads(Path(task.output.path).read_text())
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "report.md").write_text(report.markdown(results))
+    report.write_report(results, out_dir)  # report.md, report.html and the plot
     return results
