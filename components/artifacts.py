@@ -130,9 +130,9 @@ def read_manifest(store: Store) -> dict[str, Any] | None:
     return manifest
 
 
-def exists(uri: str) -> bool:
+def exists(uri: str, tuning: Tuning | None = None) -> bool:
     """True when a committed artifact (one with a manifest) is at ``uri``."""
-    store = open_store(uri)
+    store = open_store(uri, tuning)
     try:
         return store.read_bytes(MANIFEST) is not None
     finally:
@@ -172,6 +172,14 @@ def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> St
         # large files first so that the pool never ends waiting on one big straggler
         with ThreadPoolExecutor(tuning.concurrency) as pool:
             list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
+            # check before committing: a store that lost objects mid-upload (a server
+            # restarted from an empty volume) gets them again instead of a broken manifest
+            lost = [f for f in files if not store.stat(f"{DATA}/{tree}/{f['path']}", f["sha256"])]
+            if lost:
+                log.warning("%d files went missing from %s during the upload; sending them again", len(lost), uri)
+                list(pool.map(one, lost))
+            if any(not store.stat(f"{DATA}/{tree}/{f['path']}", f["sha256"]) for f in lost):
+                raise UserError(f"{store.describe(DATA + '/' + tree)}: objects keep disappearing after upload; check the store")
         manifest = {"format": FORMAT, "tree": tree, "data": f"{DATA}/{tree}/", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
         store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit
         _drop_old_versions(store, tree)

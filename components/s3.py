@@ -241,8 +241,22 @@ class S3Store:
             self._moved(length)
             return etag
 
-        # a lost upload is not retried part by part: the whole file starts over (upload())
-        return retrying(self.describe(f"{key} (part {number})"), send, self.tuning, lambda e: is_transient(e) and error_code(e) != "NoSuchUpload")
+        def part_may_succeed(err: BaseException) -> bool:
+            # a lost upload is not retried part by part: the whole file starts over (upload());
+            # some servers answer a part of a lost upload with a 500, so a 5xx asks ListParts
+            if not is_transient(err) or error_code(err) == "NoSuchUpload":
+                return False
+            status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return status < 500 or not self._upload_gone(key, upload_id)
+
+        return retrying(self.describe(f"{key} (part {number})"), send, self.tuning, part_may_succeed)
+
+    def _upload_gone(self, key: str, upload_id: str) -> bool:
+        try:
+            self.client.list_parts(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MaxParts=1)
+        except Exception as err:
+            return error_code(err) == "NoSuchUpload"
+        return False
 
     def _resume(self, full: str, path: Path, ranges: dict[int, tuple[int, int]]) -> tuple[str | None, dict[int, str]]:
         """An unfinished multipart upload of this key: its parts whose MD5 matches the
