@@ -14,8 +14,9 @@ COPY pyproject.toml README.md /src/
 COPY pipelines /src/pipelines
 COPY components /src/components
 # torch's CPU build comes from the PyTorch index; everything else from PyPI, pinned.
+# psycopg2: the chart's MLflow server runs in this image, with a PostgreSQL store.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu \
- && pip install -c images/constraints.txt ".[compress]" \
+ && pip install -c images/constraints.txt ".[compress]" psycopg2-binary \
  && python -c "import llmpress, torch, transformers, llmcompressor, kfp"
 
 # --- runtime: the virtualenv on the slim base, as a non-root user ---

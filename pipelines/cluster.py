@@ -48,7 +48,7 @@ def apply_cluster(task: Any, cluster: Any) -> None:
 # --- defaults per stage kind (the chart's values) -------------------------------------
 
 def load_defaults(path: str | Path) -> dict[str, Any]:
-    """Read a defaults file: ``{cluster: {...}, resources: {<kind>: {...}}}``."""
+    """Read a defaults file: ``{cluster: {...}, resources: {<kind>: {...}}, storage: {...}}``."""
     path = Path(path)
     if not path.is_file():
         raise UserError.field("--defaults", str(path), "file not found")
@@ -56,8 +56,8 @@ def load_defaults(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         raise UserError.field("--defaults", str(path), "not valid YAML") from None
-    if not isinstance(data, dict) or set(data) - {"cluster", "resources", "image"}:
-        raise UserError.field("--defaults", str(path), "a mapping with keys cluster, resources, image")
+    if not isinstance(data, dict) or set(data) - {"cluster", "resources", "image", "storage"}:
+        raise UserError.field("--defaults", str(path), "a mapping with keys cluster, resources, storage, image")
     unknown = set(data.get("resources") or {}) - set(DEFAULT_KINDS)
     if unknown:
         raise UserError.field("defaults.resources", sorted(unknown)[0], f"allowed kinds: {', '.join(DEFAULT_KINDS)}")
@@ -81,6 +81,8 @@ def with_defaults(recipe: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
     if isinstance(cluster, dict):
         for key, value in (defaults.get("cluster") or {}).items():
             cluster.setdefault(key, copy.deepcopy(value))
+    if defaults.get("storage") and "storage" not in out:
+        out["storage"] = copy.deepcopy(defaults["storage"])
     if defaults.get("image") and "image" not in out:
         out["image"] = defaults["image"]
     return out
