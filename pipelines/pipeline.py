@@ -8,7 +8,8 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 from llmpress import __version__
 from llmpress.cluster import apply_cluster
-from llmpress.components import kubeflow
+from llmpress.components import kubeflow, steps
+from llmpress.components.errors import UserError
 from llmpress.recipe import PRODUCES_MODEL, Recipe, Resources
 
 IMAGE_REPOSITORY = "ghcr.io/llmpress/llmpress"
@@ -49,6 +50,9 @@ def apply_resources(task: Any, resources: Resources) -> None:
 
 def build_pipeline(recipe: Recipe) -> Any:
     """The KFP pipeline function for ``recipe`` (call it under kfp.local, or compile it)."""
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind not in steps.BUILT_KINDS:
+            raise UserError.field(f"stages[{i}].kind", stage.kind, f"not built yet in this version; built: {', '.join(steps.BUILT_KINDS)}")
     # GPU steps get the CUDA image, the rest the slim CPU one; `image` overrides both.
     gpu_ops = kubeflow.build(recipe.image or recipe.cluster.gpu_image or default_image("cuda"))
     cpu_ops = kubeflow.build(recipe.image or recipe.cluster.cpu_image or default_image("cpu"))

@@ -54,3 +54,15 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
     assert names == {"import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
     # the stage runs after the baseline evaluation (history) on the imported model
     assert sorted(tasks["run-stage"]["dependentTasks"]) == ["evaluate", "import-model"]
+
+
+def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_path, monkeypatch, capsys):
+    from llmpress.cli import main
+    from llmpress.components import steps
+
+    # simulate a release in which only quantize and evaluate exist
+    monkeypatch.setattr(steps, "BUILT_KINDS", ("quantize", "evaluate"))
+    recipe = tiny_recipe(stages=[{"name": "p", "kind": "prune", "method": "wanda"}])
+    assert main(["compile", str(write_recipe(recipe)), "-o", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == "llmpress: error: stages[0].kind: 'prune' — not built yet in this version; built: quantize, evaluate"
+    assert not (tmp_path / "p.yaml").exists()
