@@ -251,9 +251,11 @@ def run_command(args: Any) -> int:
         if args.command == "submit":
             recipe = load_recipe_with_defaults(args.recipe, args.defaults)
             done = submit(recipe, conn, args.experiment, args.revision, args.service_account, args.wait, args.timeout)
-            verb = "submitted" if done.created else "already submitted"
-            print(f"{verb}: {done.name}\n{done.url}")
-            if done.state:
+            if done.created:
+                print(f"submitted: {done.name}\n{done.url}")
+            else:  # a resync: the run this recipe content already has
+                print(f"already submitted: {done.name} ({done.state})\n{done.url}")
+            if done.created and done.state:
                 print(f"state: {done.state}")
             return 0 if not args.wait or done.state == "SUCCEEDED" else 1
         recipes = [load_recipe_with_defaults(path, args.defaults) for path in args.recipes]
