@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmpress.components import report, tracking
+import yaml
+from llmpress.components import artifacts, report, tracking
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
-from llmpress.components.modelio import ModelSpec, fetch_model
+from llmpress.components.modelio import ModelSpec, check_model_dir, fetch_model
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage
@@ -66,14 +69,28 @@ def import_model(model_json: str, recipe_json: str, model_out: str) -> str:
     """Materialize the model as a safetensors directory and open the parent run."""
     spec = ModelSpec.model_validate_json(model_json)
     recipe = json.loads(recipe_json)
-    fetch_model(spec, model_out)
+    if spec.kind() == "s3":  # the component layer moves S3 bytes; stage logic sees a folder
+        artifacts.get_dir(spec.source, model_out, plain_ok=True)
+        check_model_dir(model_out, "model.source")
+    else:
+        fetch_model(spec, model_out)
+    storage = recipe.get("storage", {}).get("root", "")
+    spool = os.environ.get(tracking.SPOOL_ENV) or (f"{storage.rstrip('/')}/{recipe['name']}/tracking-spool" if storage else None)
+    tracking.use_spool(spool)
+    revision = tracking.git_revision()
     parent = tracking.start_parent(
         recipe["tracking"]["experiment"], recipe["name"], params=recipe,
-        tags={"llmpress.recipe_hash": recipe_hash(recipe), "llmpress.recipe": recipe["name"], **_kfp_tags()},
+        tags={"llmpress.recipe_hash": recipe_hash(recipe), "llmpress.recipe": recipe["name"], **_kfp_tags(),
+              **({"llmpress.git_revision": revision} if revision else {})},
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        tracking.log_artifact(parent, Path(tmp) / "recipe.yaml")
     history = {
         "recipe": {"name": recipe["name"], "hash": recipe_hash(recipe)},
-        "tracking": {"parent_run_id": parent, "experiment": recipe["tracking"]["experiment"]},
+        "tracking": {"parent_run_id": parent, "experiment": recipe["tracking"]["experiment"], "spool": spool,
+                     "register_as": recipe["tracking"].get("register_as") or recipe["name"]},
+        "storage": storage,
         "baseline": {"metrics": {}, "run_id": None},
         "stages": [],
     }
@@ -81,21 +98,19 @@ def import_model(model_json: str, recipe_json: str, model_out: str) -> str:
 
 
 def _kfp_tags() -> dict[str, str]:
-    import os
-
     run_id = os.environ.get("KFP_RUN_ID") or os.environ.get("KFP_POD_NAME")
     return {"llmpress.kfp_run": run_id} if run_id else {}
 
 
 def _quantize(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
     config = quantize_stage.QuantizeConfig.model_validate(_config_fields(stage, quantize_stage.QuantizeConfig))
-    data = config.calibration or calibration
+    data = local_data(config.calibration or calibration, "data.calibration")
     return quantize_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
 
 
 def _prune(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
     config = prune_stage.PruneConfig.model_validate(_config_fields(stage, prune_stage.PruneConfig))
-    data = config.calibration or calibration
+    data = local_data(config.calibration or calibration, "data.calibration")
     return prune_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
 
 
@@ -104,6 +119,27 @@ STAGE_RUNNERS: dict[str, Callable[[str, str, dict[str, Any], DataSpec], dict[str
     "prune": _prune,
 }
 BUILT_KINDS = ("quantize", "evaluate", "prune")
+
+
+def local_data(spec: DataSpec, field: str) -> DataSpec:
+    """An ``s3://`` data source downloaded to a local file the stage can read."""
+    if not spec.source.startswith("s3://"):
+        return spec
+    folder = Path(tempfile.mkdtemp(prefix="llmpress-data-"))  # lives as long as the step's process
+    path = artifacts.get_file(spec.source, folder / spec.source.rsplit("/", 1)[-1])
+    log.info("%s: downloaded %s (%.1f MB)", field, spec.source, path.stat().st_size / 1e6)
+    return spec.model_copy(update={"source": str(path)})
+
+
+def _publish(model_out: str, history: dict[str, Any], stage: str) -> str:
+    """With ``storage.root`` on S3 the stage's model is also published there (by this
+    component, not KFP's launcher: see docs/artifacts.md); returns where it lives."""
+    root = history.get("storage") or ""
+    if not artifacts.is_s3(root):
+        return model_out
+    uri = f"{root.rstrip('/')}/{history['recipe']['name']}/{history['recipe']['hash']}/{stage}"
+    artifacts.put_dir(model_out, uri)
+    return uri
 
 
 def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
@@ -115,6 +151,7 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
     """Run one model-producing stage; returns (history, metrics)."""
     stage = json.loads(stage_json)
     history = json.loads(history_json)
+    tracking.use_spool(history["tracking"].get("spool"))
     runner = STAGE_RUNNERS.get(stage["kind"])
     if runner is None:
         raise UserError.field(f"stages.{stage['name']}.kind", stage["kind"], f"not built yet in this version; built: {', '.join(BUILT_KINDS)}")
@@ -127,11 +164,12 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
         tracking.finish(run_id, "FAILED")
         raise
     metrics.setdefault("wall_time_s", time.time() - start)
+    model_uri = _publish(model_out, history, stage["name"])
     tracking.log_metrics(run_id, metrics)
     tracking.finish(run_id)
     log.info("stage %s finished in %.1fs: %.2f MB, %.2f bits/parameter", stage["name"], metrics["wall_time_s"],
              metrics.get("size_bytes", 0) / 1e6, metrics.get("bits_per_parameter", 0))
-    history["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id})
+    history["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri})
     return json.dumps(history), metrics
 
 
@@ -140,8 +178,9 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, histo
     """Evaluate a model. ``target`` is 'baseline', the name of the stage whose output this
     is (its record gains the metrics), or the name of an explicit evaluate stage."""
     history = json.loads(history_json)
+    tracking.use_spool(history["tracking"].get("spool"))
     config = evaluate_stage.EvaluateConfig.model_validate_json(config_json)
-    data = config.data or DataSpec.model_validate_json(data_json)
+    data = local_data(config.data or DataSpec.model_validate_json(data_json), f"stages.{target}.data" if config.data else "data.evaluation")
     texts = load_texts(data, "data.evaluation")
     baseline = history["baseline"]["metrics"] if target != "baseline" else None
     explicit = target != "baseline" and all(s["name"] != target for s in history["stages"])
@@ -171,10 +210,9 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, histo
 @user_errors_exit
 def finish(history_json: str, results_path: str, report_path: str, html_path: str | None = None) -> None:
     """Write results.json and the report (Markdown and HTML, plot inline); log them and
-    the plot on the parent run and close it."""
-    import tempfile
-
+    the plot on the parent run, register the final model and close the run."""
     history = json.loads(history_json)
+    tracking.use_spool(history["tracking"].get("spool"))
     results = {k: history[k] for k in ("recipe", "tracking", "baseline", "stages")}
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(results, indent=2))
@@ -194,6 +232,10 @@ def finish(history_json: str, results_path: str, report_path: str, html_path: st
             _log_named(parent, results_path, "results.json")
             for path in written.values():
                 _log_named(parent, str(path), path.name)
+            produced = [s for s in history["stages"] if s.get("model_uri")]
+            if produced:
+                name = history["tracking"].get("register_as") or history["recipe"]["name"]
+                tracking.register_model(name, produced[-1]["model_uri"], parent, produced[-1]["metrics"])
             tracking.finish(parent)
     print(report.table(results), flush=True)
 

@@ -2,18 +2,36 @@
 
 The tracking URI comes from the environment (``MLFLOW_TRACKING_URI``: a server on the
 cluster, a sqlite file locally). Without it, tracking is off and stages still run.
+
+A tracking server that cannot be reached never fails a stage: from the first failed
+call on, the step writes each record (run created, params, metrics with their step and
+time, artifacts, status, model registration) to a spool (``tracking_spool.py``: a local
+folder or an S3 prefix), in order. The next step that reaches the server, or
+``llmpress sync SPOOL``, replays it. Runs created while offline get a placeholder id
+(``spool-…``) that the replay maps to the real one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from llmpress.components import tracking_spool
+
+log = logging.getLogger("llmpress.tracking")
 
 PARENT_TAG = "mlflow.parentRunId"
+SPOOL_ENV = "LLMPRESS_TRACKING_SPOOL"
+PLACEHOLDER = "spool-"
+# MLflow refusing the record itself: replaying it would be refused again
+REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+_state: dict[str, Any] = {"offline": False, "spool": None, "ids": None}
 
 
 def enabled() -> bool:
@@ -23,6 +41,10 @@ def enabled() -> bool:
 def _client() -> Any:
     from mlflow.tracking import MlflowClient
 
+    # MLflow's defaults (7 retries, 120 s timeout) would hold a stage for many minutes
+    # per call when the server is down; the spool makes waiting pointless
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
@@ -40,63 +62,185 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def git_revision(path: str | Path | None = None) -> str | None:
+    """The revision the recipe comes from: ``LLMPRESS_GIT_REVISION`` (set by GitOps on
+    the cluster), else the commit of the git checkout holding ``path`` (+``-dirty``)."""
+    if os.environ.get("LLMPRESS_GIT_REVISION"):
+        return os.environ["LLMPRESS_GIT_REVISION"]
+    if path is None:
+        return None
+    folder = Path(path).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", str(Path(path).resolve())], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def use_spool(spool: str | None) -> None:
+    """Where this process spools records; replays what is already there if it can."""
+    _state.update(spool=spool, ids=None, offline=False)  # each step tries the server afresh
+    if spool and enabled() and tracking_spool.pending(spool):
+        try:
+            sync(spool)
+        except Exception as err:  # still offline: this step spools after the older records
+            _go_offline(err)
+
+
+def spool_location() -> str:
+    return _state["spool"] or os.environ.get(SPOOL_ENV) or str(Path("llmpress-tracking-spool").resolve())
+
+
+def _ids() -> dict[str, str]:
+    if _state["ids"] is None:
+        _state["ids"] = tracking_spool.read_ids(spool_location())
+    return _state["ids"]
+
+
+def _resolve(run_id: str | None) -> str | None:
+    return _ids().get(run_id, run_id) if run_id and run_id.startswith(PLACEHOLDER) else run_id
+
+
+def _go_offline(err: BaseException) -> None:
+    if not _state["offline"]:
+        log.warning("MLflow at %s cannot be reached (%s); records go to %s and `llmpress sync %s` replays them",
+                    os.environ.get("MLFLOW_TRACKING_URI"), type(err).__name__, spool_location(), spool_location())
+    _state["offline"] = True
+
+
+def _submit(record: dict[str, Any], local_file: Path | None = None) -> str | None:
+    """Apply a record now, or spool it; returns what applying returned (a run id for
+    create_run: a placeholder when spooled)."""
+    if not enabled():
+        return None
+    record = {**record, "id": uuid.uuid4().hex}
+    unresolved = any(str(_resolve(record.get(k))).startswith(PLACEHOLDER) for k in ("run", "parent") if record.get(k))
+    if not _state["offline"] and not unresolved:
+        try:
+            return apply(_client(), {**record, "run": _resolve(record.get("run")), "parent": _resolve(record.get("parent"))}, local_file)
+        except Exception as err:
+            if getattr(err, "error_code", None) in REJECTED:
+                log.warning("MLflow refused %s: %s", record["op"], str(err)[:300])
+                return None
+            _go_offline(err)
+    if record["op"] == "create_run":
+        record["run"] = PLACEHOLDER + record["id"]
+    tracking_spool.write(spool_location(), record, local_file)
+    return record.get("run")
+
+
+def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -> Any:
+    """Carry out one record against MLflow (used live and by the replay)."""
+    from mlflow.entities import Metric, Param
+
+    op, run = record["op"], record.get("run")
+    if op == "create_run":
+        found = client.get_experiment_by_name(record["experiment"])
+        experiment_id = found.experiment_id if found else client.create_experiment(record["experiment"])
+        tags = {**record["tags"], **({PARENT_TAG: record["parent"]} if record.get("parent") else {})}
+        if run and run.startswith(PLACEHOLDER):  # a replay: the same record never makes two runs
+            tags["llmpress.spool_id"] = run
+            same = client.search_runs([experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{run}'")
+            if same:
+                return same[0].info.run_id
+        return client.create_run(experiment_id, run_name=record["name"], tags=tags, start_time=record.get("time")).info.run_id
+    if op == "log_batch":
+        params = [Param(k, v) for k, v in record.get("params", {}).items()]
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
+        for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limit for params
+            client.log_batch(run, params=params[i : i + 100], metrics=metrics[i : i + 100])
+    elif op == "log_artifact":
+        client.log_artifact(run, str(local_file))
+    elif op == "terminate":
+        client.set_terminated(run, status=record["status"], end_time=record.get("time"))
+    elif op == "register":
+        _register(client, record)
+    return None
+
+
+def _register(client: Any, record: dict[str, Any]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(record["name"], description="llmpress: the final model of a recipe's pipeline")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    spool_id = record["id"]
+    if any(v.tags.get("llmpress.spool_id") == spool_id for v in client.search_model_versions(f"name = '{record['name']}'")):
+        return  # replayed twice: one version only
+    client.create_model_version(record["name"], record["source"], run_id=record["run"], tags={**record["tags"], "llmpress.spool_id": spool_id})
+
+
+def sync(spool: str | None = None) -> int:
+    """Replay the spool against MLflow; returns how many records were applied."""
+    spool = spool or spool_location()
+    client = _client()
+    applied = tracking_spool.replay(spool, lambda record, blob: apply(client, record, blob))
+    _state["ids"], _state["offline"] = None, False
+    return applied
+
+
 def start_parent(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
     """Open the pipeline's parent run; returns its id (None when tracking is off)."""
     if not enabled():
         log.warning("MLFLOW_TRACKING_URI is not set: tracking is off for this run")
         return None
-    client = _client()
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    log_params(run.info.run_id, params)
-    return run.info.run_id
+    run_id = _submit({"op": "create_run", "experiment": experiment, "name": run_name, "tags": tags, "time": _now()})
+    log_params(run_id, params)
+    return run_id
 
 
-def start_child(parent_id: str | None, name: str, params: dict[str, Any]) -> str | None:
-    """Open a stage's run nested under the parent."""
+def start_child(parent_id: str | None, name: str, params: dict[str, Any], experiment: str | None = None) -> str | None:
+    """Open a stage's run nested under the parent (in the parent's experiment)."""
     if not parent_id or not enabled():
         return None
-    client = _client()
-    parent = client.get_run(parent_id)
-    run = client.create_run(parent.info.experiment_id, run_name=name, tags={PARENT_TAG: parent_id})
-    log_params(run.info.run_id, params)
-    return run.info.run_id
+    if experiment is None and not parent_id.startswith(PLACEHOLDER) and not _state["offline"]:
+        try:
+            experiment = _client().get_experiment(_client().get_run(parent_id).info.experiment_id).name
+        except Exception as err:
+            _go_offline(err)
+    run_id = _submit({"op": "create_run", "experiment": experiment or "llmpress", "name": name, "tags": {}, "parent": parent_id, "time": _now()})
+    log_params(run_id, params)
+    return run_id
 
 
 def log_params(run_id: str | None, params: dict[str, Any]) -> None:
-    if not run_id:
-        return
-    from mlflow.entities import Param
-
-    flat = flatten(params)
-    items = [Param(k, v) for k, v in flat.items()]
-    client = _client()
-    for i in range(0, len(items), 100):  # MLflow's batch limit for params
-        client.log_batch(run_id, params=items[i : i + 100])
+    if run_id:
+        _submit({"op": "log_batch", "run": run_id, "params": flatten(params)})
 
 
 def log_metrics(run_id: str | None, metrics: dict[str, Any], step: int = 0) -> None:
-    if not run_id:
-        return
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    if items:
-        _client().log_batch(run_id, metrics=items)
+    """Numeric values only; ``step`` orders a training curve."""
+    items = [[k, float(v), _now(), step] for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    if run_id and items:
+        _submit({"op": "log_batch", "run": run_id, "metrics": items})
 
 
 def log_artifact(run_id: str | None, path: str | Path) -> None:
     if run_id:
-        _client().log_artifact(run_id, str(path))
+        _submit({"op": "log_artifact", "run": run_id, "name": Path(path).name}, Path(path))
 
 
 def finish(run_id: str | None, status: str = "FINISHED") -> None:
     if run_id:
-        _client().set_terminated(run_id, status=status)
+        _submit({"op": "terminate", "run": run_id, "status": status, "time": _now()})
+
+
+def register_model(name: str, source: str, run_id: str | None, metrics: dict[str, Any]) -> None:
+    """A new version of ``name`` in the Model Registry, pointing at the model's
+    artifact (``source``), linked to the parent run, its metrics as tags."""
+    if run_id:
+        tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        _submit({"op": "register", "run": run_id, "name": name, "source": source, "tags": tags})
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
 
 
 def experiment_points(experiment: str, exclude_parent: str | None = None, keys: tuple[str, ...] = ("perplexity", "size_bytes")) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--out", type=Path, help="run folder (default: <storage.root>/<recipe name>)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of every step (always in <out>/run.log)")
+    p.add_argument("--no-cache", action="store_true", help="run every step again (default: reuse steps whose inputs are unchanged)")
+
+    p = sub.add_parser("sync", help="replay MLflow records spooled while the tracking server was unreachable")
+    p.add_argument("spool", metavar="RUN_DIR|SPOOL", help="a local run folder, a spool folder, or an s3:// spool prefix")
 
     p = sub.add_parser("compile", help="compile a recipe to Kubeflow Pipelines IR YAML")
     p.add_argument("recipe")
@@ -75,6 +80,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("submit", "register"):
         return submit.run_command(args)
+    if args.command == "sync":
+        return _sync(args.spool)
     if args.command == "compile" and args.defaults:
         from llmpress.cluster import load_recipe_with_defaults
 
@@ -103,14 +110,44 @@ def _dispatch(args: argparse.Namespace) -> int:
     from llmpress.local import StageFailed, default_out_dir, run_local
 
     out_dir = args.out or default_out_dir(recipe)
+    from llmpress.components.tracking import git_revision
+
+    revision = git_revision(args.recipe)  # the steps tag the parent run with it
+    if revision:
+        os.environ["LLMPRESS_GIT_REVISION"] = revision
     try:
-        results = run_local(recipe, out_dir, verbose=args.verbose)
+        results = run_local(recipe, out_dir, verbose=args.verbose, cache=not args.no_cache)
     except StageFailed as err:
         print(f"llmpress: error: {err}", file=sys.stderr)
         return EXIT_USER if err.user_error else 1
     print()
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
+    return 0
+
+
+def _sync(where: str) -> int:
+    """``llmpress sync``: replay a spool into MLFLOW_TRACKING_URI (a local run folder's
+    own mlflow.db when unset)."""
+    from llmpress.components import tracking, tracking_spool
+
+    spool = where
+    if not where.startswith("s3://") and (Path(where) / "tracking-spool").is_dir():
+        spool = str(Path(where) / "tracking-spool")
+        if (Path(where) / "mlflow.db").is_file():
+            os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(Path(where) / 'mlflow.db').resolve()}")
+    if not where.startswith("s3://") and not Path(spool).is_dir():
+        raise UserError.field("spool", where, "no such folder; pass a run folder, its tracking-spool folder or an s3:// spool")
+    if not tracking.enabled():
+        raise UserError.field("MLFLOW_TRACKING_URI", "", "set it to the tracking server to replay into")
+    waiting = tracking_spool.pending(spool)
+    try:
+        applied = tracking.sync(spool)
+    except Exception as err:  # the server is still away: nothing is lost, the records stay
+        print(f"llmpress: error: replayed {waiting - tracking_spool.pending(spool)} of {waiting} records; "
+              f"MLflow failed ({type(err).__name__}: {str(err)[:160]}); run sync again", file=sys.stderr)
+        return 1
+    print(f"replayed {applied} records from {spool} into {os.environ['MLFLOW_TRACKING_URI']}")
     return 0
 
 

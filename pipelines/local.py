@@ -96,7 +96,7 @@ def preflight(recipe: Recipe) -> None:
         check_source(spec, field)
 
 
-def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
+def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool = True) -> dict[str, Any]:
     """Run the whole pipeline; write results.json and report.md into ``out_dir``.
 
     Every line the runner and the steps print goes to ``out_dir/run.log``; the terminal
@@ -107,7 +107,10 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False) -> dict[str,
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir / 'mlflow.db'}")
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "artifacts"), raise_on_error=True)
+    os.environ.setdefault("LLMPRESS_TRACKING_SPOOL", str(out_dir / "tracking-spool"))
+    # a rerun into the same folder reuses every step whose inputs are unchanged (docs/artifacts.md)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "artifacts"), raise_on_error=True,
+                   enable_caching=cache, cache_root=str(out_dir / "cache"))
     pipeline = build_pipeline(recipe)
     log_path = out_dir / "run.log"
     with warnings.catch_warnings(), log_path.open("a", encoding="utf-8") as log_file:

@@ -111,6 +111,7 @@ class Evaluation(EvaluateConfig):
 
 class Tracking(Strict):
     experiment: str = Field("llmpress", min_length=1, max_length=200)
+    register_as: str | None = Field(None, min_length=1, max_length=200, description="Model Registry name of the final model; default: the recipe's name")
 
 
 class Storage(Strict):
