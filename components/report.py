@@ -91,15 +91,24 @@ def table(results: dict[str, Any]) -> str:
 def stage_table(metrics: dict[str, Any], baseline: dict[str, Any], is_baseline: bool) -> list[tuple[str, str, str, str, str]]:
     """(section, metric, value, baseline value, ratio %) for every figure of one stage."""
     out = []
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith("_ratio") and k not in LABELS}
+    numeric = {
+        k: v for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith(("_ratio", "_stderr")) and k not in LABELS
+    }
     placed: set[str] = set()
     for section, starts in (*SECTIONS, ("stage", ("",))):
         for key in sorted(k for k in numeric if k.startswith(starts) and k not in placed):
             placed.add(key)
             ratio = metrics.get(f"{key}_ratio")
-            versus = "" if is_baseline else fmt(key, baseline.get(key))
-            out.append((section, _unit(key), fmt(key, numeric[key]), versus, "" if ratio is None else f"{100 * ratio:.1f} %"))
+            versus = "" if is_baseline else _with_error(key, baseline)
+            out.append((section, _unit(key), _with_error(key, metrics), versus, "" if ratio is None else f"{100 * ratio:.1f} %"))
     return out
+
+
+def _with_error(key: str, metrics: dict[str, Any]) -> str:
+    """The figure, with the harness's standard error when it gives one: '0.240 ± 0.043'."""
+    error = metrics.get(f"{key}_stderr")
+    return fmt(key, metrics.get(key)) + (f" ± {error:.3f}" if isinstance(error, float) else "")
 
 
 def _unit(key: str) -> str:

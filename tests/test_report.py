@@ -15,11 +15,13 @@ def stage_metrics(size: float, ppl: float, acc: float, tok_s: float, base: dict 
     m = {
         "eval_device": "cpu: x86_64, 2 threads", "size_bytes": size, "num_parameters": 3_670_000, "bits_per_parameter": 8 * size / 3_670_000,
         "sparsity": 0.0, "perplexity": ppl, "eval_tokens": 4000, "eval_windows": 16, "eval_seq_len": 256, "eval_stride": 256,
-        "task.pydoc_cloze.acc": acc, "task.pydoc_cloze.samples": 100, "ttft_ms.b1.in128": 4.0, "throughput_tok_s.b8.in128.out32": tok_s,
+        "task.pydoc_cloze.acc": acc,
+        "task.pydoc_cloze.acc_stderr": 0.05, "task.pydoc_cloze.samples": 100, "ttft_ms.b1.in128": 4.0, "throughput_tok_s.b8.in128.out32": tok_s,
         "eval_peak_memory_bytes": 7e8, "eval_peak_memory_kind": "process peak RSS", "generation_sample": "The following example shows how to\nuse it",
     }
     if base:
-        m.update({f"{k}_ratio": v / base[k] for k, v in m.items() if isinstance(v, float | int) and base.get(k) and k != "eval_tokens"})
+        skip = ("eval_tokens", "task.pydoc_cloze.acc_stderr")
+        m.update({f"{k}_ratio": v / base[k] for k, v in m.items() if isinstance(v, float | int) and base.get(k) and k not in skip})
     return m
 
 
@@ -54,7 +56,7 @@ def test_markdown_has_a_table_per_stage_with_baseline_and_ratio(results):
     for heading in ("## baseline (baseline)", "## prune-50 (prune)", "## gptq (quantize)"):
         assert text.count(heading) == 1
     assert text.count("| gptq | quantize |") == 1  # one summary row; per-stage tables do not repeat it
-    assert "| quality | task.pydoc_cloze.acc | 0.360 | 0.410 | 87.8 % |" in text  # accuracy recovery
+    assert "| quality | task.pydoc_cloze.acc | 0.360 ± 0.050 | 0.410 ± 0.050 | 87.8 % |" in text  # accuracy recovery
     assert "| speed | throughput_tok_s.b8.in128.out32 | 700.00 | 900.00 | 77.8 % |" in text
     assert "measured on cpu: x86_64, 2 threads" in text and "b = batch, in = prompt tokens" in text
     assert "![quality against size](quality_vs_size.png)" in text and "> use it" in text
