@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from llmpress.components import artifacts, report, tracking
+from llmpress.components import artifacts, distill_step, report, tracking
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
 from llmpress.components.modelio import ModelSpec, check_model_dir, fetch_model
@@ -115,10 +115,11 @@ def _prune(model_in: str, model_out: str, stage: dict[str, Any], calibration: Da
 
 
 STAGE_RUNNERS: dict[str, Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]] = {
+    "distill": distill_step.run,
     "quantize": _quantize,
     "prune": _prune,
 }
-BUILT_KINDS = ("quantize", "evaluate", "prune")
+BUILT_KINDS = ("quantize", "evaluate", "prune", "distill")
 
 
 def local_data(spec: DataSpec, field: str) -> DataSpec:
@@ -142,6 +143,14 @@ def _publish(model_out: str, history: dict[str, Any], stage: str) -> str:
     return uri
 
 
+def keep_metrics_file(path: str, values: dict[str, Any]) -> None:
+    """Write a step's metrics into its Metrics artifact's file. KFP keeps them in the
+    artifact's metadata only, and kfp.local's cache takes an output whose file is missing
+    for a lost one: without the file every evaluation would rerun on resume."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({k: v for k, v in values.items() if isinstance(v, int | float | str)}, indent=1))
+
+
 def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
     return {k: v for k, v in stage.items() if k in config_type.model_fields}
 
@@ -159,7 +168,9 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
     start = time.time()
     log.info("stage %s (%s) started", stage["name"], stage["kind"])
     try:
-        metrics = runner(model_in, model_out, stage, DataSpec.model_validate_json(calibration_json))
+        # _context: what a long stage needs of the step (distill logs per step and keeps checkpoints under storage)
+        context = {"run_id": run_id, "storage": history.get("storage") or "", "recipe": history["recipe"]}
+        metrics = runner(model_in, model_out, {**stage, "_context": context}, DataSpec.model_validate_json(calibration_json))
     except BaseException:
         tracking.finish(run_id, "FAILED")
         raise

@@ -6,6 +6,7 @@ line per problem: ``field: value — what is allowed``.
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -58,6 +59,7 @@ class Resources(Strict):
     """Where a step runs on the cluster (ignored by the local runner)."""
 
     gpus: int = Field(0, ge=0, le=64, description="GPUs per pod")
+    nodes: int = Field(1, ge=1, le=64, description="pods of a multi-node job (distill only): > 1 submits a Kubeflow TrainJob")
     accelerator: str | None = Field(None, description="resource name of the GPU, default nvidia.com/gpu")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
@@ -162,7 +164,11 @@ class Recipe(Strict):
             device = getattr(stage, "device", None)
             if device == "cpu" and stage.resources.gpus:
                 problems.append(f"{where}.device: 'cpu' — resources.gpus is {stage.resources.gpus}; use device auto/cuda or gpus: 0")
-        if any(s.kind == "distill" for s in self.stages) and self.teacher is None:
+            if stage.resources.nodes > 1 and (stage.kind != "distill" or not (stage.resources.scratch and stage.resources.scratch.pvc)):
+                problems.append(f"{where}.resources.nodes: {stage.resources.nodes} — only a distill stage spans nodes, and it needs "
+                                "resources.scratch.pvc (a ReadWriteMany claim that every node mounts)")
+        # a distill stage with alpha 0 and its own student (plain fine-tuning: qlora, qat) needs no teacher
+        if any(s.kind == "distill" and (s.alpha > 0 or s.student.source == "teacher") for s in self.stages) and self.teacher is None:
             problems.append("teacher: missing — a distill stage needs a teacher model")
         if self.teacher is not None and not any(s.kind == "distill" for s in self.stages):
             problems.append("teacher: given — no distill stage uses it; add a distill stage or drop teacher")
@@ -171,7 +177,11 @@ class Recipe(Strict):
         return self
 
     def stage_json(self, stage: Any) -> str:
-        """A stage's config as the JSON a component receives (resources stay here)."""
+        """A stage's config as the JSON a component receives (resources stay here, but a
+        distill stage gets the teacher and its resources: it launches its own processes)."""
+        if stage.kind == "distill":
+            teacher = self.teacher.model_dump(mode="json") if self.teacher else None
+            return json.dumps({**stage.model_dump(mode="json"), "teacher": teacher, "image": self.image or self.cluster.gpu_image})
         return stage.model_dump_json(exclude={"resources"})
 
 
