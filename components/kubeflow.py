@@ -26,6 +26,7 @@ def run_stage(model: Input[Model], stage_json: str, calibration_json: str, histo
     for key, value in values.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    steps.keep_metrics_file(metrics.path, values)
     return new_history
 
 
@@ -37,6 +38,7 @@ def evaluate(model: Input[Model], config_json: str, data_json: str, target: str,
     for key, value in values.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    steps.keep_metrics_file(metrics.path, values)
     return new_history
 
 
