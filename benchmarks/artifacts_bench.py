@@ -114,7 +114,8 @@ def main() -> None:
             files = [p for p in src.rglob("*") if p.is_file()]
             rows.append(("boto3 upload_file (defaults)", timed(lambda: [client.upload_file(str(p), bucket, f"boto3/{p.name}") for p in files])))
             (Path(tmp) / "dst2").mkdir()
-            rows.append(("boto3 download_file (defaults)", timed(lambda: [client.download_file(bucket, f"boto3/{p.name}", str(Path(tmp) / "dst2" / p.name)) for p in files])))
+            dst2 = Path(tmp) / "dst2"
+            rows.append(("boto3 download_file (defaults)", timed(lambda: [client.download_file(bucket, f"boto3/{p.name}", str(dst2 / p.name)) for p in files])))
             shutil.rmtree(Path(tmp) / "dst2")
             rows.append(("llmpress put_dir (local folder)", timed(lambda: artifacts.put_dir(src, str(Path(tmp) / "store"), tuning))))
             rows.append(("llmpress put_dir rerun, unchanged (S3)", timed(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
