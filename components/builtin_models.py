@@ -45,6 +45,8 @@ BUILTINS: dict[str, BuiltinSpec] = {
     "pydoc-llama-4m": BuiltinSpec(2048, 256, 768, 4, 4, 2, steps=300),
     # For tests: same recipe, smaller and faster (~15 s).
     "pydoc-llama-tiny": BuiltinSpec(1024, 128, 384, 2, 2, 1, steps=100, batch_size=8),
+    # For GPU benchmarks: 197M parameters (16 layers, hidden 1024); pretrain it on a GPU (docs/benchmarks.md).
+    "pydoc-llama-200m": BuiltinSpec(8192, 1024, 2816, 16, 16, 8, steps=400, batch_size=32, seq_len=256, lr=6e-4),
 }
 
 
@@ -104,7 +106,9 @@ def _pretrain(name: str, spec: BuiltinSpec, dest: Path) -> None:
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
-    model = LlamaForCausalLM(config)
+    # on a GPU when there is one (larger builtins); bf16 autocast there, fp32 on the CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -113,8 +117,9 @@ def _pretrain(name: str, spec: BuiltinSpec, dest: Path) -> None:
     model.train()
     for step in range(spec.steps):
         offsets = torch.randint(0, len(data) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        batch = torch.stack([data[o : o + spec.seq_len] for o in offsets.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = torch.stack([data[o : o + spec.seq_len] for o in offsets.tolist()]).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -123,7 +128,7 @@ def _pretrain(name: str, spec: BuiltinSpec, dest: Path) -> None:
         if step % 50 == 0 or step == spec.steps - 1:
             log.info("builtin:%s step %d/%d loss %.3f (%.0fs)", name, step + 1, spec.steps, loss.item(), time.time() - start)
     model.eval()
-    model.to(torch.bfloat16)
+    model.to("cpu", torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     (dest / "llmpress-builtin.json").write_text(json.dumps({"name": name, "spec": asdict(spec)}, indent=2))

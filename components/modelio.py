@@ -148,7 +148,8 @@ def count_parameters(model: Any) -> int:
             if id(param) in seen or name.endswith(_OVERHEAD_SUFFIXES):
                 continue
             seen.add(id(param))
-            if name == "weight_packed":
+            # compressed-tensors packs int4 into int32; bitsandbytes packs 4-bit pairs into uint8
+            if name == "weight_packed" or type(param).__name__ == "Params4bit":
                 total += module.in_features * module.out_features
             else:
                 total += param.numel()

@@ -1,13 +1,21 @@
 """Quantization: one config, one ``run()``, any scheme.
 
-``gptq-w4a16`` goes through llm-compressor's ``GPTQModifier`` and ``oneshot`` and is
-saved in compressed-tensors format, which plain ``transformers`` reloads.
+llm-compressor schemes (``gptq-w4a16``, ``awq-w4a16``, ``w8a8``, ``fp8``) run through
+``oneshot`` on a model loaded on the CPU, so its sequential pipeline onloads one decoder
+layer at a time to the GPU (a model larger than GPU memory still quantizes), and are
+saved in compressed-tensors format. bitsandbytes schemes (``int8``, ``nf4``, ``fp4``)
+quantize while loading and are saved as a serialized bitsandbytes checkpoint
+(``quantize_bnb``). Both reload with plain ``transformers``; the stage checks that
+itself. Which Linear layers stay 16-bit is ``quantize_mixed``'s business.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +23,39 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.measure import peak_memory, self_check
 from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
-from llmpress.components.sparsity import keep_zeros
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from llmpress.components.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
+from llmpress.components.stages import quantize_bnb, quantize_mixed
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llmpress.quantize")
 
 Scheme = Literal["gptq-w4a16", "awq-w4a16", "w8a8", "fp8", "int8", "nf4", "fp4"]
-BUILT_SCHEMES = ("gptq-w4a16",)
+LLMCOMPRESSOR_SCHEMES = ("gptq-w4a16", "awq-w4a16", "w8a8", "fp8")
+BNB_SCHEMES = quantize_bnb.SCHEMES
+DEFAULT_IGNORE = ["lm_head"]
+MIXED_PRECISION_REPORT = "llmpress-mixed-precision.json"
+
+# Settings that mean something for some schemes only: setting one for another scheme is
+# a mistake worth one clear line rather than a silently ignored field.
+SCHEME_FIELDS: dict[str, tuple[str, ...]] = {
+    "group_size": ("gptq-w4a16", "awq-w4a16"),
+    "symmetric": ("gptq-w4a16", "awq-w4a16"),
+    "actorder": ("gptq-w4a16", "w8a8"),
+    "dampening_frac": ("gptq-w4a16", "w8a8"),
+    "smoothing_strength": ("w8a8",),
+    "int8_threshold": ("int8",),
+    "double_quant": ("nf4", "fp4"),
+    "sequential_offload_device": ("gptq-w4a16", "awq-w4a16", "w8a8"),
+}
+
+
+class AutoIgnore(BaseModel):
+    """Keep the layers most sensitive to quantization in 16-bit, within a size budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: float = Field(gt=0, le=32, description="most bits per parameter the output may take (the bits_per_parameter metric)")
+    samples: int = Field(8, gt=0, le=1024, description="calibration windows used to measure each layer's sensitivity")
 
 
 class QuantizeConfig(BaseModel):
@@ -30,11 +64,16 @@ class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheme: Scheme = Field(description="quantization technique")
-    group_size: int = Field(128, description="weights per scale: 32, 64, 128, 256, or -1 for one scale per output channel")
-    symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric weights")
-    actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering")
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal")
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules kept in 16-bit: names or 're:REGEX'")
+    group_size: int = Field(128, description="weights per scale (gptq/awq): 32, 64, 128, 256, or -1 for one scale per output channel")
+    symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (gptq/awq); default: gptq symmetric, awq asymmetric")
+    actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal (gptq-w4a16, w8a8)")
+    smoothing_strength: float = Field(0.8, gt=0, lt=1, description="SmoothQuant migration strength alpha (w8a8)")
+    int8_threshold: float = Field(6.0, ge=0, description="LLM.int8() outlier threshold: activations above it stay fp16 (int8; 0 = no outliers)")
+    double_quant: bool = Field(True, description="quantize the 4-bit block scales too, ~0.4 bits per weight less (nf4, fp4)")
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE), description="Linear modules kept in 16-bit: exact names or 're:REGEX'")
+    auto_ignore: AutoIgnore | None = Field(None, description="also keep the most sensitive layers in 16-bit, within {budget: bits per parameter}")
+    sequential_offload_device: Literal["cpu", "cuda"] = Field("cpu", description="where llm-compressor keeps activations between layers")
     calibration: DataSpec | None = Field(None, description="calibration data; default: the recipe's data.calibration")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to quantize")
 
@@ -45,54 +84,191 @@ class QuantizeConfig(BaseModel):
             raise ValueError("allowed: 32, 64, 128, 256, or -1 (per output channel)")
         return value
 
+    @field_validator(*SCHEME_FIELDS)
+    @classmethod
+    def _applies_to_scheme(cls, value: Any, info: ValidationInfo) -> Any:
+        scheme = info.data.get("scheme")
+        default = cls.model_fields[info.field_name].default
+        # a dumped config carries every default, so only a changed value is a choice
+        if scheme and value != default and scheme not in SCHEME_FIELDS[info.field_name]:
+            raise ValueError(f"applies to scheme {', '.join(SCHEME_FIELDS[info.field_name])} only; this stage's scheme is {scheme!r}")
+        return value
+
+    @field_validator("actorder")
+    @classmethod
+    def _actorder_needs_groups(cls, value: str | None, info: ValidationInfo) -> str | None:
+        grouped = info.data.get("scheme") == "gptq-w4a16" and info.data.get("group_size", 128) > 0
+        if value == "group" and not grouped:
+            raise ValueError("'group' needs group quantization (gptq-w4a16 with group_size > 0); allowed here: static, weight")
+        return value
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        return [quantize_mixed.check_pattern(p) for p in value]
+
 
 def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str]) -> dict[str, Any]:
     """Quantize the model at ``model_dir`` into ``out_dir``; return its metrics."""
-    if config.scheme not in BUILT_SCHEMES:
-        raise UserError.field("scheme", config.scheme, f"not built yet in this version; built: {', '.join(BUILT_SCHEMES)}")
-    device = pick_device(config.device)
+    device = _device(config.device)
     start = time.time()
-    model, tokenizer = load_model(model_dir, dtype="auto", device=device)
-    num_parameters = count_parameters(model)
-    samples = calibration_samples(calibration, tokenizer, texts)
+    log.info("quantize: scheme %s on %s", config.scheme, device)
     with peak_memory(device) as peak:
-        # a pruned model stays pruned (2:4 stays 2:4): GPTQ alone would fill the zeros in
-        with keep_zeros(model):
-            _gptq(model, config, samples)
-    save_model(model, tokenizer, out_dir, save_compressed=True)
-    del model
-    self_check(out_dir, device)
+        if config.scheme in BNB_SCHEMES:
+            extra = _run_bnb(model_dir, out_dir, config, calibration, texts, device)
+        else:
+            extra = _run_llmcompressor(model_dir, out_dir, config, calibration, texts, device)
+    quantize_s = time.time() - start
+    check_start = time.time()
+    sample = self_check(out_dir, device)
+    log.info("quantize: reloaded with plain transformers and generated %r", sample[-60:])
     size = weights_size_bytes(out_dir)
     return {
         "size_bytes": size,
-        "num_parameters": num_parameters,
-        "bits_per_parameter": 8 * size / num_parameters,
-        "calibration_samples": len(samples),
-        "calibration_seq_len": calibration.seq_len,
+        "bits_per_parameter": 8 * size / extra["num_parameters"],
+        **extra,
+        "quantize_time_s": quantize_s,
+        "self_check_time_s": time.time() - check_start,
         "wall_time_s": time.time() - start,
         "peak_memory_bytes": peak["bytes"],
     }
 
 
-def _gptq(model: Any, config: QuantizeConfig, samples: list[list[int]]) -> None:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+def _device(requested: str) -> str:
+    device = pick_device(requested)
+    if device == "cuda":
+        import torch
 
+        if not torch.cuda.is_available():
+            raise UserError.field("device", "cuda", "no CUDA device is visible to this step; use device: auto or cpu, or give the step a GPU")
+    return device
+
+
+def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str],
+                       device: str) -> dict[str, Any]:
+    # on the CPU: llm-compressor's pipelines onload each layer to the accelerator themselves
+    model, tokenizer = load_model(model_dir, dtype="auto", device="cpu")
+    num_parameters = count_parameters(model)
+    calibrated = config.scheme != "fp8"  # FP8_DYNAMIC needs no data; auto_ignore does
+    samples = calibration_samples(calibration, tokenizer, texts) if calibrated or config.auto_ignore else []
+    ignore, extra = _mixed_precision(model, config, samples, num_parameters, device)
+    # a pruned model stays pruned (2:4 stays 2:4): GPTQ alone would fill the zeros in
+    with keep_zeros(model) if _may_be_pruned(model) else contextlib.nullcontext(), _cpu_without_pinning(device):
+        oneshot_quantize(model, config, ignore, samples if calibrated else [])
+    save_model(model, tokenizer, out_dir, save_compressed=True)
+    _write_report(out_dir, extra.pop("report"))
+    return {"num_parameters": num_parameters, "calibration_samples": len(samples) if calibrated else 0,
+            "calibration_seq_len": calibration.seq_len, **extra}
+
+
+def _run_bnb(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str], device: str) -> dict[str, Any]:
+    samples: list[list[int]] = []
+    if config.auto_ignore:  # measuring sensitivity needs the 16-bit weights
+        model, tokenizer = load_model(model_dir, dtype="auto", device=device)
+        samples = calibration_samples(calibration, tokenizer, texts)
+    else:  # naming the layers does not: a weightless skeleton keeps memory for the real load
+        model = quantize_bnb.skeleton(model_dir)
+    ignore, extra = _mixed_precision(model, config, samples, count_parameters(model), device)
+    del model
+    # bitsandbytes quantizes while it loads, one shard at a time
+    quantized, tokenizer = quantize_bnb.load_quantized(model_dir, config.scheme, ignore, device,
+                                                       int8_threshold=config.int8_threshold, double_quant=config.double_quant)
+    num_parameters = count_parameters(quantized)
+    save_model(quantized, tokenizer, out_dir)
+    _write_report(out_dir, extra.pop("report"))
+    return {"num_parameters": num_parameters, "calibration_samples": len(samples), **extra}
+
+
+def _mixed_precision(model: Any, config: QuantizeConfig, samples: list[list[int]], num_parameters: int, device: str) -> tuple[list[str], dict[str, Any]]:
+    """The exact names of the Linear layers kept 16-bit, and what to report about them."""
+    explicit = config.ignore != DEFAULT_IGNORE
+    ignore = quantize_mixed.resolve_ignore(model, config.ignore, strict=explicit)
+    report: dict[str, Any] = {"scheme": config.scheme, "ignore": config.ignore, "kept": [{"name": n, "reason": "named in ignore"} for n in ignore]}
+    if config.auto_ignore:
+        plan = quantize_mixed.auto_ignore(
+            model, ignore, samples[: config.auto_ignore.samples], config.auto_ignore.budget, num_parameters, device,
+            scheme=config.scheme, group_size=config.group_size, symmetric=_symmetric(config), double_quant=config.double_quant,
+        )
+        ignore = ignore + [k["name"] for k in plan["kept"]]
+        report["kept"] += plan["kept"]
+        report["auto_ignore"] = {k: v for k, v in plan.items() if k != "kept"}
+    for entry in report["kept"]:
+        log.info("quantize: keeping %s in 16-bit: %s", entry["name"], entry["reason"])
+    extra: dict[str, Any] = {"layers_kept_16bit": len(ignore), "report": report}
+    if config.auto_ignore:
+        extra["auto_ignore_estimated_bits_per_parameter"] = report["auto_ignore"]["estimated_bits_per_parameter"]
+    return ignore, extra
+
+
+def _may_be_pruned(model: Any) -> bool:
+    """A cheap look before ``keep_zeros`` scans every weight (seconds on a 200M model,
+    measured as most of llmpress's overhead over ``oneshot``): pruning, unstructured or
+    N:M, leaves zeros all through a matrix, so its first 64k weights show them."""
+    return any(float((linear.weight.detach().flatten()[:65536] == 0).float().mean()) > SPARSE_THRESHOLD for _, linear in linear_weights(model))
+
+
+def _write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
+    """Which layers stayed 16-bit and why, beside the weights (it travels with the model)."""
+    Path(out_dir, MIXED_PRECISION_REPORT).write_text(json.dumps(report, indent=2))
+
+
+def _symmetric(config: QuantizeConfig) -> bool:
+    # AWQ's published recipe (and AutoAWQ's default) uses zero points; GPTQ's does not
+    return config.symmetric if config.symmetric is not None else config.scheme != "awq-w4a16"
+
+
+@contextlib.contextmanager
+def _cpu_without_pinning(device: str) -> Iterator[None]:
+    """llm-compressor 0.14's AWQ pins cached activations for faster host-to-GPU copies,
+    which fails with no accelerator ("Cannot access accelerator device when none is
+    available"); on the CPU there is nothing to copy, so pinning is skipped."""
+    if device != "cpu":
+        yield
+        return
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    with patch_attr(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None):
+        yield
+
+
+def llmcompressor_recipe(config: QuantizeConfig, ignore: list[str]) -> list[Any]:
+    """The llm-compressor modifiers that implement ``config.scheme``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
+
+    actorder = {"actorder": config.actorder} if config.actorder else {}
+    if config.scheme == "fp8":
+        return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=ignore)]
+    if config.scheme == "w8a8":
+        return [
+            SmoothQuantModifier(smoothing_strength=config.smoothing_strength),
+            GPTQModifier(targets=["Linear"], scheme="W8A8", ignore=ignore, dampening_frac=config.dampening_frac, **actorder),
+        ]
     weights = QuantizationArgs(
-        num_bits=4, type="int", symmetric=config.symmetric,
+        num_bits=4, type="int", symmetric=_symmetric(config),
         strategy="group" if config.group_size > 0 else "channel",
         group_size=config.group_size if config.group_size > 0 else None,
-        **({"actorder": config.actorder} if config.actorder else {}),
+        **actorder,
     )
-    modifier = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=config.ignore, dampening_frac=config.dampening_frac,
-        **({"actorder": config.actorder} if config.actorder else {}),
-    )
-    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-    oneshot(
-        model=model, dataset=dataset, recipe=modifier, max_seq_length=max(len(s) for s in samples),
-        num_calibration_samples=len(samples), shuffle_calibration_samples=False,
-    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if config.scheme == "awq-w4a16":
+        return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=ignore)]
+    return [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=config.dampening_frac, **actorder)]
+
+
+def oneshot_quantize(model: Any, config: QuantizeConfig, ignore: list[str], samples: list[list[int]]) -> None:
+    """Run llm-compressor's ``oneshot`` on tokenized calibration windows (none for fp8)."""
+    from llmcompressor import oneshot
+
+    kwargs: dict[str, Any] = {}
+    if samples:
+        from datasets import Dataset
+
+        kwargs = {
+            "dataset": Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]}),
+            "max_seq_length": max(len(s) for s in samples), "num_calibration_samples": len(samples),
+            "shuffle_calibration_samples": False, "sequential_offload_device": config.sequential_offload_device,
+        }
+    oneshot(model=model, recipe=llmcompressor_recipe(config, ignore), **kwargs)
