@@ -182,7 +182,9 @@ class Recipe(Strict):
         if stage.kind == "distill":
             teacher = self.teacher.model_dump(mode="json") if self.teacher else None
             return json.dumps({**stage.model_dump(mode="json"), "teacher": teacher, "image": self.image or self.cluster.gpu_image})
-        return stage.model_dump_json(exclude={"resources"})
+        # exactly what the recipe says: defaults are re-applied on the other side, and a
+        # validator that refuses a setting for another method must not see defaults as set
+        return stage.model_dump_json(exclude={"resources"}, exclude_unset=True)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -92,3 +92,18 @@ def test_relative_local_paths_resolve_against_the_recipe(write_recipe, tmp_path)
 
     recipe = load_recipe(write_recipe(tiny_recipe(model={"source": "./models/m"})))
     assert recipe.model.source == str((tmp_path / "models" / "m").resolve())
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_stage_config_survives_the_trip_to_its_component(path):
+    """The component re-validates the stage JSON: defaults must not come back as settings."""
+    import json
+
+    from llmpress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / path)
+    for stage in recipe.stages:
+        sent = json.loads(recipe.stage_json(stage))
+        stage_type = type(stage)
+        again = stage_type.model_validate({k: v for k, v in sent.items() if k in stage_type.model_fields})
+        assert again.model_dump(exclude={"resources"}) == stage.model_dump(exclude={"resources"})
