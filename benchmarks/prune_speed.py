@@ -39,7 +39,10 @@ def build(shape: str, dtype: torch.dtype, device: str) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def paired_latency(base: Any, pruned: Any, batch: int, tokens: int, device: str, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+Timing = tuple[float, float]  # (median, minimum) seconds
+
+
+def paired_latency(base: Any, pruned: Any, batch: int, tokens: int, device: str, repeats: int, clock: Any = time.perf_counter) -> tuple[Timing, Timing]:
     """Median seconds of one forward pass of each model over fixed random token ids.
 
     The two models run alternately, so a machine whose load changes while it is
@@ -51,12 +54,12 @@ def paired_latency(base: Any, pruned: Any, batch: int, tokens: int, device: str,
             for which, model in enumerate((base, pruned)):
                 if device == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0 = clock()
                 model(input_ids=ids)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 if i >= 2:  # warm-ups: allocator, kernel selection, caches
-                    times[which].append(time.perf_counter() - t0)
+                    times[which].append(clock() - t0)
     # the median, and the minimum: on a loaded machine the least-disturbed run
     return (statistics.median(times[0]), min(times[0])), (statistics.median(times[1]), min(times[1]))
 
@@ -70,9 +73,15 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", default=["1x128"], help="BATCHxTOKENS of the timed forward pass")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channel-multiple", type=int, default=64)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: this process's CPU seconds on one thread, which other processes on a shared machine disturb far less than wall time")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    clock = time.perf_counter
+    if args.clock == "cpu":
+        torch.set_num_threads(1)  # idle worker threads would spin and count
+        clock = time.process_time
     inputs = [tuple(int(x) for x in spec.split("x")) for spec in args.inputs]
     rows = []
     header = "| shape | ratio → params removed | heads / kv heads | FFN width | params M | input | before ms | after ms | speed-up | speed-up of min |"
@@ -90,7 +99,7 @@ def main() -> None:
             prune_structured.shrink(model, prune_structured.choose(scores, groups, channels))
             pruned_params = sum(p.numel() for p in model.parameters())
             for bt in inputs:
-                before, after = paired_latency(base, model, *bt, args.device, args.repeats)
+                before, after = paired_latency(base, model, *bt, args.device, args.repeats, clock)
                 rows.append({"shape": shape, "ratio": ratio, "heads": f"{cfg.num_attention_heads}→{model.config.num_attention_heads}",
                              "kv": f"{cfg.num_key_value_heads}→{groups}", "ffn": f"{cfg.intermediate_size}→{channels}",
                              "params": params, "pruned_params": pruned_params, "input": bt,

@@ -251,3 +251,25 @@ def test_prune_then_quantize_is_a_valid_recipe(write_recipe, capsys):
     stages = [prune_stage(method="sparsegpt", mask_structure="2:4"), {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"}]
     assert main(["validate", str(write_recipe(tiny_recipe(stages=stages)))]) == 0
     assert capsys.readouterr().out.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_local_run_of_prune_then_quantize_keeps_2of4(write_recipe, tmp_path):
+    """The whole pipeline (kfp.local, MLflow): SparseGPT 2:4 then GPTQ W4A16 on the tiny model."""
+    import os
+
+    from conftest import run_cli
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    stages = [prune_stage(method="sparsegpt", mask_structure="2:4"), {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16", "group_size": 32}]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = run_cli("run", str(write_recipe(tiny_recipe(name="prune-gptq", stages=stages))), "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pruned, quantized = json.loads((tmp_path / "out" / "results.json").read_text())["stages"]
+    assert pruned["metrics"]["nm_violations"] == 0 and pruned["metrics"]["perplexity"] > 1
+    assert quantized["metrics"]["size_bytes"] < pruned["metrics"]["size_bytes"]
+    outputs = (tmp_path / "out" / "artifacts").glob("*/run-stage*/model_out")
+    (model_dir,) = [p for p in outputs if "quantization_config" in json.loads((p / "config.json").read_text())]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    assert all(nm_violations(lin.weight, 2, 4) == 0 for _, lin in linear_weights(decoder_layers(model)))
