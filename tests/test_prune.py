@@ -234,6 +234,7 @@ BAD_OPTIONS = {  # noqa: E501 (one case a line reads best)
     "ffn-on-sparsegpt": (prune_stage(method="sparsegpt", ffn_sparsity=0.3), "stages[0].ffn_sparsity: 0.3 — only for method structured (method is 'sparsegpt')"),
     "layer-sparsity-range": (prune_stage(method="wanda", layer_sparsity=[0.5, 1.2]), "stages[0].layer_sparsity: [0.5, 1.2] — one value per decoder layer, each in [0, 1)"),  # noqa: E501
     "target-and-ffn": (prune_stage(method="structured", ffn_sparsity=0.2, target_parameters=1000), "stages[0].target_parameters: 1000 — sets the FFN width"),
+    "structured-without-amount": (prune_stage(method="structured"), "— method 'structured' needs how much to remove: sparsity, attention_sparsity, ffn_sparsity or target_parameters"),  # noqa: E501
     "negative-layer": (prune_stage(method="magnitude", keep_layers=[-1]), "stages[0].keep_layers: [-1] — decoder layer indices, 0 or more"),
 }
 

@@ -33,7 +33,7 @@ from llmpress.components.measure import peak_memory, self_check
 from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.sparsity import decoder_layers, layer_report, linear_weights
 from llmpress.components.stages import prune_structured
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,13 @@ class PruneConfig(BaseModel):
         if value is not None and info.data.get("ffn_sparsity") is not None:
             raise ValueError("sets the FFN width, as ffn_sparsity does; give one of them")
         return cls._structured_only(value, info)
+
+    @model_validator(mode="after")
+    def _structured_amount(self) -> PruneConfig:
+        amounts = (self.sparsity, self.attention_sparsity, self.ffn_sparsity, self.target_parameters)
+        if self.method == "structured" and all(a is None for a in amounts):
+            raise ValueError("method 'structured' needs how much to remove: sparsity, attention_sparsity, ffn_sparsity or target_parameters")
+        return self
 
     @staticmethod
     def _unstructured_only(info: ValidationInfo) -> None:
@@ -281,8 +288,6 @@ def _structured(model: Any, config: PruneConfig, samples: list[list[int]], devic
     part_default = config.sparsity if config.target_parameters is None else None
     attention = config.attention_sparsity if config.attention_sparsity is not None else (part_default or 0.0)
     ffn = config.ffn_sparsity if config.ffn_sparsity is not None else part_default
-    if config.sparsity is None and config.attention_sparsity is None and config.ffn_sparsity is None and config.target_parameters is None:
-        raise UserError.field("sparsity", None, "structured needs sparsity, attention_sparsity, ffn_sparsity or target_parameters")
     groups_kept, channels_kept = prune_structured.plan(model, params_before, attention, ffn, config.target_parameters, config.channel_multiple)
     scores = prune_structured.importance(model, samples, device)
     kept = prune_structured.choose(scores, groups_kept, channels_kept)
