@@ -128,6 +128,10 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool 
         finally:
             sys.stdout = real_stdout
     results = json.loads(Path(task.output.path).read_text())
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    report.write_report(results, out_dir)  # report.md, report.html and the plot
+    text = json.dumps(results, indent=2)
+    results_file = out_dir / "results.json"
+    unchanged = results_file.is_file() and results_file.read_text() == text and (out_dir / "report.md").is_file()
+    if not unchanged:  # a fully cached rerun has nothing new to report (and skips MLflow and matplotlib)
+        results_file.write_text(text)
+        report.write_report(results, out_dir)  # report.md, report.html and the plot
     return results
