@@ -284,6 +284,11 @@ def _gather_deepspeed(trainer: Any, config: DistillConfig, work: Path) -> Path |
         finetune.finish_qat(trainer.accelerator.unwrap_model(trainer.model))
     gathered = work / "gathered"
     trainer.save_model(str(gathered))
+    # Later from_pretrained calls would otherwise partition what they load under ZeRO-3's
+    # still-registered config and save empty tensors.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     return gathered
 
 
