@@ -216,3 +216,21 @@ def test_multi_node_needs_a_shared_claim(write_recipe):
                                   "resources.scratch.pvc (a ReadWriteMany claim that every node mounts)"]
     stage["resources"]["scratch"] = {"pvc": "llmpress-work"}
     assert load_recipe(write_recipe(tiny_recipe(teacher={"source": TINY}, stages=[stage]))).stages[0].resources.nodes == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_follow_the_one_rank_loss_curve(tiny_model_dir, tmp_path):
+    """resources.gpus: N runs N ranks; with the global batch fixed, the curve must not move
+    (here on CPU through gloo; the GPU path is the same Trainer under NCCL)."""
+    from llmpress.components.stages.distill_launch import torchrun_command
+
+    curves = {}
+    for ranks, batch in ((1, 8), (2, 4)):
+        work = tmp_path / f"r{ranks}"
+        spec = write_spec(tmp_path / f"r{ranks}.json", tiny_model_dir, work, tmp_path / f"out{ranks}", steps=20, batch_size=batch, alpha=0.5)
+        done = subprocess.run(torchrun_command(spec, ranks), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert json.loads((work / "metrics.json").read_text())["world_size"] == ranks
+        curves[ranks] = [json.loads(line)["train.loss"] for line in (work / "progress.jsonl").read_text().splitlines()]
+    assert len(curves[1]) == len(curves[2]) == 20
+    assert curves[2] == pytest.approx(curves[1], rel=1e-5)
