@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmpress.components.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from llmpress.components.quant_grid import GroupSize
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("llmpress")
 
@@ -41,15 +42,8 @@ class QatSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: Literal[4, 8] = Field(4, description="weight bits")
-    group_size: int = Field(128, description="weights per scale: 32, 64, 128, 256, or -1 for one scale per output channel")
+    group_size: GroupSize = Field(128, description="weights per scale: 32, 64, 128, 256, or -1 for one scale per output channel")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="Linear modules left in full precision")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value not in (-1, 32, 64, 128, 256):
-            raise ValueError("allowed: 32, 64, 128, 256, or -1 (per output channel)")
-        return value
 
 
 # --- QLoRA ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.measure import peak_memory, self_check
 from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.quant_grid import GroupSize
 from llmpress.components.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
 from llmpress.components.stages import quantize_bnb, quantize_mixed
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -64,7 +65,7 @@ class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheme: Scheme = Field(description="quantization technique")
-    group_size: int = Field(128, description="weights per scale (gptq/awq): 32, 64, 128, 256, or -1 for one scale per output channel")
+    group_size: GroupSize = Field(128, description="weights per scale (gptq/awq): 32, 64, 128, 256, or -1 for one scale per output channel")
     symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (gptq/awq); default: gptq symmetric, awq asymmetric")
     actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal (gptq-w4a16, w8a8)")
@@ -76,13 +77,6 @@ class QuantizeConfig(BaseModel):
     sequential_offload_device: Literal["cpu", "cuda"] = Field("cpu", description="where llm-compressor keeps activations between layers")
     calibration: DataSpec | None = Field(None, description="calibration data; default: the recipe's data.calibration")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to quantize")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value not in (-1, 32, 64, 128, 256):
-            raise ValueError("allowed: 32, 64, 128, 256, or -1 (per output channel)")
-        return value
 
     @field_validator(*SCHEME_FIELDS)
     @classmethod
