@@ -23,10 +23,7 @@ def run_stage(model: Input[Model], stage_json: str, calibration_json: str, histo
     from llmpress.components import steps
 
     new_history, values = steps.run_stage(model.path, model_out.path, stage_json, calibration_json, history)
-    for key, value in values.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
-    steps.keep_metrics_file(metrics.path, values)
+    steps.publish_metrics(metrics, values)
     return new_history
 
 
@@ -35,10 +32,7 @@ def evaluate(model: Input[Model], config_json: str, data_json: str, target: str,
     from llmpress.components import steps
 
     new_history, values = steps.evaluate(model.path, config_json, data_json, target, history)
-    for key, value in values.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
-    steps.keep_metrics_file(metrics.path, values)
+    steps.publish_metrics(metrics, values)
     return new_history
 
 

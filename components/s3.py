@@ -153,30 +153,27 @@ class S3Store:
         if self.tuning.progress:
             self.tuning.progress(n)
 
-    def read_bytes(self, key: str) -> bytes | None:
-        def get() -> bytes | None:
+    def _missing_is_none(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with retries, where a missing object answers None instead of failing."""
+
+        def call() -> Any:
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+                return fn()
             except Exception as err:
                 if error_code(err) in ("NoSuchKey", "404"):
                     return None
                 raise
 
-        return self._call(key, get)
+        return self._call(key, call)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        return self._missing_is_none(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def _head(self, key: str) -> dict[str, Any] | None:
-        def head() -> dict[str, Any] | None:
-            try:
-                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as err:
-                if error_code(err) in ("NoSuchKey", "404"):
-                    return None
-                raise
-
-        return self._call(key, head)
+        return self._missing_is_none(key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
 
     def stat(self, key: str, sha256: str) -> bool:
         head = self._head(key)

@@ -102,22 +102,24 @@ def _kfp_tags() -> dict[str, str]:
     return {"llmpress.kfp_run": run_id} if run_id else {}
 
 
-def _quantize(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
-    config = quantize_stage.QuantizeConfig.model_validate(_config_fields(stage, quantize_stage.QuantizeConfig))
-    data = local_data(config.calibration or calibration, "data.calibration")
-    return quantize_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+StageRunner = Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]
 
 
-def _prune(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
-    config = prune_stage.PruneConfig.model_validate(_config_fields(stage, prune_stage.PruneConfig))
-    data = local_data(config.calibration or calibration, "data.calibration")
-    return prune_stage.run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+def _calibrated(config_type: Any, run: Callable[..., dict[str, Any]]) -> StageRunner:
+    """A runner for a stage that takes its config and calibration text (quantize, prune)."""
+
+    def runner(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
+        config = config_type.model_validate(_config_fields(stage, config_type))
+        data = local_data(config.calibration or calibration, "data.calibration")
+        return run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+
+    return runner
 
 
-STAGE_RUNNERS: dict[str, Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]] = {
+STAGE_RUNNERS: dict[str, StageRunner] = {
     "distill": distill_step.run,
-    "quantize": _quantize,
-    "prune": _prune,
+    "quantize": _calibrated(quantize_stage.QuantizeConfig, quantize_stage.run),
+    "prune": _calibrated(prune_stage.PruneConfig, prune_stage.run),
 }
 BUILT_KINDS = ("quantize", "evaluate", "prune", "distill")
 
@@ -143,12 +145,16 @@ def _publish(model_out: str, history: dict[str, Any], stage: str) -> str:
     return uri
 
 
-def keep_metrics_file(path: str, values: dict[str, Any]) -> None:
-    """Write a step's metrics into its Metrics artifact's file. KFP keeps them in the
-    artifact's metadata only, and kfp.local's cache takes an output whose file is missing
-    for a lost one: without the file every evaluation would rerun on resume."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({k: v for k, v in values.items() if isinstance(v, int | float | str)}, indent=1))
+def publish_metrics(metrics: Any, values: dict[str, Any]) -> None:
+    """Put a step's figures on its KFP Metrics artifact (the run page shows them) and into
+    the artifact's file. KFP keeps them in the artifact's metadata only, and kfp.local's
+    cache takes an output whose file is missing for a lost one: without the file every
+    evaluation would rerun on resume."""
+    for key, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps({k: v for k, v in values.items() if isinstance(v, int | float | str)}, indent=1))
 
 
 def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
