@@ -117,16 +117,17 @@ def _submit(record: dict[str, Any], local_file: Path | None = None) -> str | Non
     if not enabled():
         return None
     record = {**record, "id": uuid.uuid4().hex}
-    unresolved = any(str(_resolve(record.get(k))).startswith(PLACEHOLDER) for k in ("run", "parent") if record.get(k))
+    refs = ("run", "parent", "source")
+    unresolved = any(str(_resolve(record.get(k))).startswith(PLACEHOLDER) for k in refs if record.get(k))
     if not _state["offline"] and not unresolved:
         try:
-            return apply(_client(), {**record, "run": _resolve(record.get("run")), "parent": _resolve(record.get("parent"))}, local_file)
+            return apply(_client(), {**record, **{k: _resolve(record.get(k)) for k in refs if k in record}}, local_file)
         except Exception as err:
             if getattr(err, "error_code", None) in REJECTED:
                 log.warning("MLflow refused %s: %s", record["op"], str(err)[:300])
                 return None
             _go_offline(err)
-    if record["op"] == "create_run":
+    if record["op"] in tracking_spool.CREATES:
         record["run"] = PLACEHOLDER + record["id"]
     tracking_spool.write(spool_location(), record, local_file)
     return record.get("run")
@@ -137,6 +138,8 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
     from mlflow.entities import Metric, Param
 
     op, run = record["op"], record.get("run")
+    if op == "attach":
+        return _attach(client, record)
     if op == "create_run":
         found = client.get_experiment_by_name(record["experiment"])
         experiment_id = found.experiment_id if found else client.create_experiment(record["experiment"])
@@ -159,6 +162,34 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
     elif op == "register":
         _register(client, record)
     return None
+
+
+def _attach(client: Any, record: dict[str, Any]) -> str:
+    """Nest a stage's run under the pipeline's parent run. A run no pipeline run has
+    claimed yet is adopted (its parent tag set); a run an earlier pipeline run already
+    holds (its step came from the cache) is copied: a new nested run with its params,
+    latest metrics, status and tags, tagged ``llmpress.reused_from``."""
+    from mlflow.entities import Metric, Param
+
+    source, parent = client.get_run(record["source"]), client.get_run(record["parent"])
+    holder = source.data.tags.get(PARENT_TAG)
+    if holder in (None, parent.info.run_id) and source.info.experiment_id == parent.info.experiment_id:
+        client.set_tag(source.info.run_id, PARENT_TAG, parent.info.run_id)
+        return source.info.run_id
+    run = record.get("run")
+    if run and run.startswith(PLACEHOLDER):  # a replay: the same record never makes two copies
+        same = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{run}'")
+        if same:
+            return same[0].info.run_id
+    tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
+    tags.update({PARENT_TAG: parent.info.run_id, "llmpress.reused_from": source.info.run_id, **({"llmpress.spool_id": run} if run else {})})
+    copy = client.create_run(parent.info.experiment_id, run_name=record["name"], tags=tags, start_time=source.info.start_time).info.run_id
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    metrics = [Metric(k, v, source.info.end_time or _now(), 0) for k, v in source.data.metrics.items()]
+    for i in range(0, max(len(params), len(metrics)), 100):
+        client.log_batch(copy, params=params[i : i + 100], metrics=metrics[i : i + 100])
+    client.set_terminated(copy, status=source.info.status if source.info.status != "RUNNING" else "FINISHED", end_time=source.info.end_time)
+    return copy
 
 
 def _register(client: Any, record: dict[str, Any]) -> None:
@@ -208,6 +239,24 @@ def start_child(parent_id: str | None, name: str, params: dict[str, Any], experi
     return run_id
 
 
+def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+    """Open a stage's own run, not nested yet: the step cannot know the pipeline run it
+    belongs to without making its cache key differ on every run. ``attach`` nests it."""
+    if not enabled():
+        return None
+    run_id = _submit({"op": "create_run", "experiment": experiment, "name": name, "tags": tags, "time": _now()})
+    log_params(run_id, params)
+    return run_id
+
+
+def attach(run_id: str | None, parent_id: str | None, name: str) -> str | None:
+    """Nest a stage's run (from ``start_run``) under ``parent_id``; returns the nested
+    run's id: the same run, or a copy when an earlier pipeline run holds it already."""
+    if not run_id or not parent_id:
+        return None
+    return _submit({"op": "attach", "source": run_id, "parent": parent_id, "name": name})
+
+
 def log_params(run_id: str | None, params: dict[str, Any]) -> None:
     if run_id:
         _submit({"op": "log_batch", "run": run_id, "params": flatten(params)})
@@ -255,7 +304,8 @@ def experiment_points(experiment: str, exclude_parent: str | None = None, keys: 
     points = []
     for r in runs:
         parent = r.data.tags.get(PARENT_TAG)
-        if parent and parent != exclude_parent and all(k in r.data.metrics for k in keys):
+        reused = "llmpress.reused_from" in r.data.tags  # a copy of a run already counted under the run that made it
+        if parent and parent != exclude_parent and not reused and all(k in r.data.metrics for k in keys):
             points.append({"parent_run_id": parent, "run": names.get(parent, parent[:8]), "stage": r.info.run_name, "metrics": dict(r.data.metrics)})
     return points
 

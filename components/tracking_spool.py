@@ -27,6 +27,7 @@ from llmpress.components import artifacts
 RECORDS = "records/"
 BLOBS = "blobs/"
 IDS = "ids.json"
+CREATES = ("create_run", "attach")  # records whose result is a run id (a placeholder while spooled)
 
 
 def write(spool: str, record: dict[str, Any], local_file: Path | None = None) -> None:
@@ -72,9 +73,10 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
                 continue
             record = json.loads(raw)
             resolved = dict(record)
-            if record.get("parent"):
-                resolved["parent"] = ids.get(record["parent"], record["parent"])
-            if record.get("run") and record["op"] != "create_run":  # a create keeps its placeholder: apply() looks it up
+            for field in ("parent", "source"):
+                if record.get(field):
+                    resolved[field] = ids.get(record[field], record[field])
+            if record.get("run") and record["op"] not in CREATES:  # a create keeps its placeholder: apply() looks it up
                 resolved["run"] = ids.get(record["run"], record["run"])
             with tempfile.TemporaryDirectory() as tmp:
                 blob = None
@@ -82,7 +84,7 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
                     blob = Path(tmp) / record["name"]
                     blob.write_bytes(store.read_bytes(record["blob"]) or b"")
                 result = apply(resolved, blob)
-            if record["op"] == "create_run":
+            if record["op"] in CREATES:
                 ids[record["run"]] = result
                 store.write_bytes(IDS, json.dumps(ids, indent=1).encode())
             store.delete([key] + ([record["blob"]] if record.get("blob") else []))

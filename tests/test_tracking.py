@@ -114,3 +114,42 @@ def test_git_revision_comes_from_gitops_or_the_recipes_checkout(tmp_path, monkey
     assert tracking.git_revision(recipe) == head + "-dirty"
     monkeypatch.setenv("LLMPRESS_GIT_REVISION", "f00d")
     assert tracking.git_revision(recipe) == "f00d"
+
+
+def test_attach_adopts_a_free_stage_run_copies_a_claimed_one_and_replays_once(server, tmp_path):
+    """The report step nests each stage's own run under its parent; a run that an earlier
+    pipeline run holds (its step came from the cache) is copied, also when the report
+    step had to spool because the server was down."""
+    stage = tracking.start_run("t-attach", "wanda", {"sparsity": 0.3}, {"llmpress.recipe": "r"})
+    for step, loss in enumerate([2.0, 1.0]):
+        tracking.log_metrics(stage, {"train.loss": loss}, step=step)
+    tracking.log_metrics(stage, {"size_bytes": 100})
+    tracking.finish(stage)
+    client = MlflowClient(server.url)
+    assert tracking.PARENT_TAG not in client.get_run(stage).data.tags  # not nested until a report step claims it
+
+    first = tracking.start_parent("t-attach", "r", {}, {})
+    assert tracking.attach(stage, first, "wanda") == stage
+    assert tracking.attach(stage, first, "wanda") == stage  # the same parent again: nothing new
+    assert client.get_run(stage).data.tags[tracking.PARENT_TAG] == first
+
+    second = tracking.start_parent("t-attach", "r", {}, {})
+    copy = tracking.attach(stage, second, "wanda")
+    assert copy != stage and client.get_run(stage).data.tags[tracking.PARENT_TAG] == first  # the first run keeps its stage
+    run = client.get_run(copy)
+    assert run.data.tags[tracking.PARENT_TAG] == second and run.data.tags["llmpress.reused_from"] == stage
+    assert run.data.tags["llmpress.recipe"] == "r" and run.data.params == {"sparsity": "0.3"}
+    assert run.data.metrics == {"train.loss": 1.0, "size_bytes": 100.0} and run.info.status == "FINISHED"
+
+    third = tracking.start_parent("t-attach", "r", {}, {})
+    server.kill()
+    spooled = tracking.attach(stage, third, "wanda")
+    assert spooled.startswith(tracking.PLACEHOLDER)
+    tracking.log_metrics(spooled, {"perplexity": 7.5})
+    server.start()
+    spool = str(tmp_path / "spool")
+    assert tracking.sync(spool) == 2
+    tracking_spool.write(spool, {"op": "attach", "source": stage, "parent": third, "name": "wanda", "id": "again", "run": spooled})
+    tracking.sync(spool)  # the same record replayed again (applied, not yet deleted, when a replay died)
+    copies = children(client, third)
+    assert set(copies) == {"wanda"} and copies["wanda"].data.metrics["perplexity"] == 7.5
