@@ -62,6 +62,7 @@ class Stats:
     skipped_bytes: int = 0
     reused_parts: int = 0
     seconds: float = 0.0
+    tree: str = ""  # the committed content's id (manifest ``tree``)
 
 
 class Store(Protocol):
@@ -130,6 +131,15 @@ def read_manifest(store: Store) -> dict[str, Any] | None:
     return manifest
 
 
+def committed(uri: str, tuning: Tuning | None = None) -> dict[str, Any] | None:
+    """The manifest of the artifact committed at ``uri``, or None."""
+    store = open_store(uri, tuning)
+    try:
+        return read_manifest(store)
+    finally:
+        store.close()
+
+
 def exists(uri: str, tuning: Tuning | None = None) -> bool:
     """True when a committed artifact (one with a manifest) is at ``uri``."""
     store = open_store(uri, tuning)
@@ -149,7 +159,7 @@ def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> St
     local_dir = Path(local_dir)
     files = _scan(local_dir, tuning.concurrency)
     tree = tree_id(files)
-    stats = Stats(files=len(files))
+    stats = Stats(files=len(files), tree=tree)
     store = open_store(uri, tuning)
     try:
         current = read_manifest(store)
@@ -198,11 +208,12 @@ def _drop_old_versions(store: Store, tree: str) -> None:
         store.delete(stale)
 
 
-def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False) -> Stats:
+def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False, tree: str | None = None) -> Stats:
     """Download the committed artifact at ``uri`` into ``local_dir``, verifying every file.
 
     With ``plain_ok``, a prefix without a manifest (a model someone copied there with
-    another tool) is downloaded as it is, checked by size only."""
+    another tool) is downloaded as it is, checked by size only. With ``tree``, the
+    committed content must be that version (a pointer to it was taken earlier)."""
     tuning = tuning or Tuning()
     start = time.monotonic()
     local_dir = Path(local_dir)
@@ -218,7 +229,10 @@ def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain
             log.info("%s has no llmpress manifest: downloading the prefix as it is (sizes checked, no checksums)", uri)
         else:
             files, base = manifest["files"], manifest["data"]
-        stats = Stats(files=len(files))
+            if tree and manifest.get("tree") != tree:
+                raise UserError(f"{store.describe(MANIFEST)}: holds version {manifest.get('tree')}, not the version {tree} this step was given "
+                                "(the artifact was overwritten since); rerun the step that produced it")
+        stats = Stats(files=len(files), tree=(manifest or {}).get("tree", ""))
         log.info("downloading %d files, %.1f MB from %s", len(files), sum(f["size"] for f in files) / MB, uri)
 
         def one(entry: dict[str, Any]) -> None:
