@@ -11,36 +11,37 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 
-def import_model(model_json: str, recipe_json: str, model: Output[Model]) -> str:
-    """Fetch the model named by the recipe and open the run's tracking."""
+def import_model(model_json: str, context_json: str, model: Output[Model]) -> None:
+    """Fetch the model named by the recipe (with storage on S3: a pointer to it there)."""
     from llmpress.components import steps
 
-    return steps.import_model(model_json, recipe_json, model.path)
+    steps.import_model(model_json, context_json, model.path)
 
 
-def run_stage(model: Input[Model], stage_json: str, calibration_json: str, history: str, model_out: Output[Model], metrics: Output[Metrics]) -> str:
-    """Run one model-producing stage (distill, prune, quantize)."""
+def run_stage(model: Input[Model], stage_json: str, calibration_json: str, context_json: str, stages: str,
+              model_out: Output[Model], metrics: Output[Metrics]) -> str:
+    """Run one model-producing stage (distill, prune, quantize); returns the stages' records."""
     from llmpress.components import steps
 
-    new_history, values = steps.run_stage(model.path, model_out.path, stage_json, calibration_json, history)
+    records, values = steps.run_stage(model.path, model_out.path, stage_json, calibration_json, context_json, stages)
     steps.publish_metrics(metrics, values)
-    return new_history
+    return records
 
 
-def evaluate(model: Input[Model], config_json: str, data_json: str, target: str, history: str, metrics: Output[Metrics]) -> str:
-    """Evaluate a model against the baseline."""
+def evaluate(model: Input[Model], config_json: str, data_json: str, target: str, field: str, evals: str, metrics: Output[Metrics]) -> str:
+    """Evaluate a model against the baseline; returns the evaluations' records."""
     from llmpress.components import steps
 
-    new_history, values = steps.evaluate(model.path, config_json, data_json, target, history)
+    records, values = steps.evaluate(model.path, config_json, data_json, target, field, evals)
     steps.publish_metrics(metrics, values)
-    return new_history
+    return records
 
 
-def finish(history: str, results: Output[Artifact], report: Output[Markdown], report_html: Output[HTML]) -> None:
-    """Write results.json and the report (Markdown and HTML); close the tracking run."""
+def finish(stages: str, evals: str, recipe_json: str, results: Output[Artifact], report: Output[Markdown], report_html: Output[HTML]) -> None:
+    """Write results.json and the report (Markdown and HTML); record the run in MLflow."""
     from llmpress.components import steps
 
-    steps.finish(history, results.path, report.path, report_html.path)
+    steps.finish(stages, evals, recipe_json, results.path, report.path, report_html.path)
 
 
 def build(image: str) -> dict[str, Any]:

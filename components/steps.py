@@ -1,9 +1,14 @@
-"""What each pipeline step does around the stage logic: fetch inputs, open the
-tracking run, call the stage, log its metrics, pass the run's history on.
+"""What each pipeline step does around the stage logic: fetch inputs, call the stage,
+record what it did, pass the records on.
 
 No kfp here (``kubeflow.py`` holds the thin KFP shells that call these functions), so
-every step runs and is tested as plain Python. ``history`` is the JSON string passed
-from step to step: ``{"recipe", "tracking", "baseline", "stages"}``.
+every step runs and is tested as plain Python. Two JSON strings pass from step to
+step, each a pure function of the steps before it (so KFP's cache reuses a step
+whenever its own inputs are unchanged): the stages' records ``{"stages": [...]}``
+through the model-producing steps, and the evaluations' records ``{"baseline",
+"evaluations"}`` through the evaluation steps. The report step (``finish``) merges
+them and does everything tied to one pipeline run: the MLflow parent run, nesting the
+stages' runs, registering the model.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,8 @@ from llmpress.components.stages import quantize as quantize_stage
 
 log = logging.getLogger("llmpress")
 LOG_MARK = "llmpress| "
+POINTER = "llmpress-pointer.json"  # what a KFP model artifact holds when the bytes live in S3
+POINTER_FORMAT = "llmpress-pointer/1"
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,19 +73,116 @@ def _log_to_stdout() -> None:
         root.propagate = False
 
 
+def _context(context_json: str) -> dict[str, str]:
+    """What every step knows of its recipe: ``{"recipe", "experiment", "storage"}``."""
+    context = json.loads(context_json)
+    tracking.use_spool(spool_for(context["recipe"], context.get("storage") or ""))
+    return context
+
+
+def spool_for(recipe: str, storage: str) -> str | None:
+    return os.environ.get(tracking.SPOOL_ENV) or (f"{storage.rstrip('/')}/{recipe}/tracking-spool" if storage else None)
+
+
+def step_key(*parts: str) -> str:
+    """A step's identity from its inputs: the same inputs give the same key on every run."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def input_identity(model_dir: str) -> str:
+    """What a model input is: its pointer (content-addressed), or for a folder the
+    names, sizes and modification times of its files (a rerun upstream changes them)."""
+    pointer = Path(model_dir) / POINTER
+    if pointer.is_file():
+        return pointer.read_text()
+    folder = Path(model_dir)
+    return json.dumps(sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()))
+
+
+def _scratch(prefix: str) -> Path:
+    """A folder on the step's scratch volume (``LLMPRESS_SCRATCH``, set from the
+    recipe's ``resources.scratch``), else the system's temporary folder."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("LLMPRESS_SCRATCH") or None))
+
+
+@contextmanager
+def model_input(model_dir: str, field: str = "model") -> Iterator[str]:
+    """The step's input model as a local folder. A pointer (what KFP passes when
+    ``storage.root`` is on S3) is downloaded by llmpress itself, checksums verified,
+    into scratch, and removed when the step is done with it."""
+    pointer = Path(model_dir) / POINTER
+    if not pointer.is_file():
+        yield model_dir
+        return
+    ref = json.loads(pointer.read_text())
+    local = _scratch("llmpress-in-")
+    try:
+        artifacts.get_dir(ref["uri"], local, plain_ok=ref.get("plain", False), tree=ref.get("tree") or None)
+        if ref.get("plain"):
+            check_model_dir(str(local), field)
+        yield str(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+class ModelOutput:
+    """Where a step writes its model. With ``storage.root`` on S3 the model goes to
+    ``<root>/<recipe>/models/<step>/<key>`` through llmpress's store (parallel
+    multipart, checksums, atomic commit) and KFP's output artifact holds only a
+    pointer to it, so KFP's launcher never copies model weights (docs/artifacts.md).
+    Otherwise the step writes straight into KFP's output folder."""
+
+    def __init__(self, kfp_dir: str, context: dict[str, str], step: str, key: str) -> None:
+        storage = context.get("storage") or ""
+        self.kfp_dir = kfp_dir
+        self.uri = f"{storage.rstrip('/')}/{context['recipe']}/models/{step}/{key}" if artifacts.is_s3(storage) else None
+        self.path = str(_scratch("llmpress-out-")) if self.uri else kfp_dir
+
+    def commit(self) -> str:
+        """Publish what was written; returns where the model lives."""
+        if self.uri is None:
+            return self.kfp_dir
+        stats = artifacts.put_dir(self.path, self.uri)
+        write_pointer(self.kfp_dir, self.uri, stats.tree, sum(p.stat().st_size for p in Path(self.path).rglob("*") if p.is_file()))
+        return self.uri
+
+    def discard(self) -> None:
+        if self.uri is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_pointer(kfp_dir: str, uri: str, tree: str, size: int, plain: bool = False) -> None:
+    Path(kfp_dir).mkdir(parents=True, exist_ok=True)
+    ref = {"format": POINTER_FORMAT, "uri": uri, "tree": tree, "bytes": size, "plain": plain}
+    (Path(kfp_dir) / POINTER).write_text(json.dumps(ref, indent=1))
+
+
 @user_errors_exit
-def import_model(model_json: str, recipe_json: str, model_out: str) -> str:
-    """Materialize the model as a safetensors directory and open the parent run."""
+def import_model(model_json: str, context_json: str, model_out: str) -> None:
+    """Materialize the model as a safetensors directory (or, with ``storage.root`` on
+    S3, as a committed artifact there and a pointer to it). No tracking here: its cache
+    key is the model's spec alone, so editing any other part of the recipe reuses it."""
     spec = ModelSpec.model_validate_json(model_json)
-    recipe = json.loads(recipe_json)
-    if spec.kind() == "s3":  # the component layer moves S3 bytes; stage logic sees a folder
-        artifacts.get_dir(spec.source, model_out, plain_ok=True)
-        check_model_dir(model_out, "model.source")
-    else:
-        fetch_model(spec, model_out)
-    storage = recipe.get("storage", {}).get("root", "")
-    spool = os.environ.get(tracking.SPOOL_ENV) or (f"{storage.rstrip('/')}/{recipe['name']}/tracking-spool" if storage else None)
-    tracking.use_spool(spool)
+    context = _context(context_json)
+    if spec.kind() == "s3" and artifacts.is_s3(context.get("storage") or ""):
+        manifest = artifacts.committed(spec.source) or {}  # already in S3: point at it, copy nothing
+        write_pointer(model_out, spec.source, manifest.get("tree", ""), sum(f["size"] for f in manifest.get("files", [])), plain=not manifest)
+        log.info("model %s stays where it is; the steps read it from there", spec.source)
+        return
+    out = ModelOutput(model_out, context, "import", step_key(model_json))
+    try:
+        if spec.kind() == "s3":  # the component layer moves S3 bytes; stage logic sees a folder
+            artifacts.get_dir(spec.source, out.path, plain_ok=True)
+            check_model_dir(out.path, "model.source")
+        else:
+            fetch_model(spec, out.path)
+        out.commit()
+    finally:
+        out.discard()
+
+
+def _open_parent(recipe: dict[str, Any]) -> str | None:
+    """The pipeline run's parent run: tags, the recipe as params and as recipe.yaml."""
     revision = tracking.git_revision()
     parent = tracking.start_parent(
         recipe["tracking"]["experiment"], recipe["name"], params=recipe,
@@ -86,15 +192,7 @@ def import_model(model_json: str, recipe_json: str, model_out: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         tracking.log_artifact(parent, Path(tmp) / "recipe.yaml")
-    history = {
-        "recipe": {"name": recipe["name"], "hash": recipe_hash(recipe)},
-        "tracking": {"parent_run_id": parent, "experiment": recipe["tracking"]["experiment"], "spool": spool,
-                     "register_as": recipe["tracking"].get("register_as") or recipe["name"]},
-        "storage": storage,
-        "baseline": {"metrics": {}, "run_id": None},
-        "stages": [],
-    }
-    return json.dumps(history)
+    return parent
 
 
 def _kfp_tags() -> dict[str, str]:
@@ -134,17 +232,6 @@ def local_data(spec: DataSpec, field: str) -> DataSpec:
     return spec.model_copy(update={"source": str(path)})
 
 
-def _publish(model_out: str, history: dict[str, Any], stage: str) -> str:
-    """With ``storage.root`` on S3 the stage's model is also published there (by this
-    component, not KFP's launcher: see docs/artifacts.md); returns where it lives."""
-    root = history.get("storage") or ""
-    if not artifacts.is_s3(root):
-        return model_out
-    uri = f"{root.rstrip('/')}/{history['recipe']['name']}/{history['recipe']['hash']}/{stage}"
-    artifacts.put_dir(model_out, uri)
-    return uri
-
-
 def publish_metrics(metrics: Any, values: dict[str, Any]) -> None:
     """Put a step's figures on its KFP Metrics artifact (the run page shows them) and into
     the artifact's file. KFP keeps them in the artifact's metadata only, and kfp.local's
@@ -162,75 +249,107 @@ def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
 
 
 @user_errors_exit
-def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: str, history_json: str) -> tuple[str, dict[str, Any]]:
-    """Run one model-producing stage; returns (history, metrics)."""
+def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: str, context_json: str, stages_json: str) -> tuple[str, dict[str, Any]]:
+    """Run one model-producing stage; returns (the stages' records with this one added, metrics).
+
+    The stage's MLflow run is its own (training curves show live); the report step
+    nests it under the pipeline run's parent. Inputs are all this step depends on:
+    the model, the stage's settings, the calibration data and the records of the
+    stages before it, so a rerun reuses it while those are unchanged."""
     stage = json.loads(stage_json)
-    history = json.loads(history_json)
-    tracking.use_spool(history["tracking"].get("spool"))
+    context = _context(context_json)
+    chain = json.loads(stages_json) if stages_json else {"stages": []}
     runner = STAGE_RUNNERS.get(stage["kind"])
     if runner is None:
         raise UserError.field(f"stages.{stage['name']}.kind", stage["kind"], f"not built yet in this version; built: {', '.join(BUILT_KINDS)}")
-    run_id = tracking.start_child(history["tracking"]["parent_run_id"], stage["name"], stage)
+    key = step_key(input_identity(model_in), stage_json, calibration_json, stages_json)
+    run_id = tracking.start_run(context["experiment"], stage["name"], stage,
+                                tags={"llmpress.recipe": context["recipe"], "llmpress.step_key": key, **_kfp_tags()})
     start = time.time()
     log.info("stage %s (%s) started", stage["name"], stage["kind"])
+    out = ModelOutput(model_out, context, stage["name"], key)
     try:
-        # _context: what a long stage needs of the step (distill logs per step and keeps checkpoints under storage)
-        context = {"run_id": run_id, "storage": history.get("storage") or "", "recipe": history["recipe"]}
-        metrics = runner(model_in, model_out, {**stage, "_context": context}, DataSpec.model_validate_json(calibration_json))
+        with model_input(model_in) as local_in:
+            # _context: what a long stage needs of the step (distill logs per step and keeps checkpoints under storage)
+            step_context = {"run_id": run_id, "storage": context.get("storage") or "", "recipe": {"name": context["recipe"], "hash": key}}
+            metrics = runner(local_in, out.path, {**stage, "_context": step_context}, DataSpec.model_validate_json(calibration_json))
+        metrics.setdefault("wall_time_s", time.time() - start)
+        model_uri = out.commit()
     except BaseException:
         tracking.finish(run_id, "FAILED")
         raise
-    metrics.setdefault("wall_time_s", time.time() - start)
-    model_uri = _publish(model_out, history, stage["name"])
+    finally:
+        out.discard()
     tracking.log_metrics(run_id, metrics)
     tracking.finish(run_id)
     log.info("stage %s finished in %.1fs: %.2f MB, %.2f bits/parameter", stage["name"], metrics["wall_time_s"],
              metrics.get("size_bytes", 0) / 1e6, metrics.get("bits_per_parameter", 0))
-    history["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri})
-    return json.dumps(history), metrics
+    chain["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri, "key": key})
+    return json.dumps(chain), metrics
 
 
 @user_errors_exit
-def evaluate(model_in: str, config_json: str, data_json: str, target: str, history_json: str) -> tuple[str, dict[str, Any]]:
-    """Evaluate a model. ``target`` is 'baseline', the name of the stage whose output this
-    is (its record gains the metrics), or the name of an explicit evaluate stage."""
-    history = json.loads(history_json)
-    tracking.use_spool(history["tracking"].get("spool"))
+def evaluate(model_in: str, config_json: str, data_json: str, target: str, field: str, evals_json: str) -> tuple[str, dict[str, Any]]:
+    """Evaluate a model; returns (the evaluations' records with this one added, metrics).
+
+    ``target`` is 'baseline' (which starts the records), the name of the stage whose
+    output this is, or the name of an explicit evaluate stage; ``field`` names the
+    recipe settings that apply, for messages. Nothing goes to MLflow here: the report
+    step logs every evaluation into its pipeline run, so that a cached evaluation is
+    still recorded in the run that reuses it."""
+    evals = json.loads(evals_json) if evals_json else {"baseline": None, "evaluations": []}
     config = evaluate_stage.EvaluateConfig.model_validate_json(config_json)
-    data = local_data(config.data or DataSpec.model_validate_json(data_json), f"stages.{target}.data" if config.data else "data.evaluation")
+    data = local_data(config.data or DataSpec.model_validate_json(data_json), f"{field}.data" if config.data else "data.evaluation")
     texts = load_texts(data, "data.evaluation")
-    baseline = history["baseline"]["metrics"] if target != "baseline" else None
-    explicit = target != "baseline" and all(s["name"] != target for s in history["stages"])
-    field = f"stages.{target}" if explicit else "evaluation"
-    metrics = evaluate_stage.run(model_in, config, data, texts, baseline=baseline, field=field)
-    parent = history["tracking"]["parent_run_id"]
+    baseline = evals["baseline"]["metrics"] if target != "baseline" else None
+    with model_input(model_in) as local:
+        metrics = evaluate_stage.run(local, config, data, texts, baseline=baseline, field=field)
+    record = {"target": target, "metrics": metrics, "config": json.loads(config_json)}
     if target == "baseline":
-        run_id = tracking.start_child(parent, "baseline", {"evaluation": json.loads(config_json)})
-        history["baseline"] = {"metrics": metrics, "run_id": run_id}
+        evals["baseline"] = record
     else:
-        record = next((s for s in history["stages"] if s["name"] == target), None)
-        if record is None:  # an explicit evaluate stage: a record of its own
-            run_id = tracking.start_child(parent, target, {"evaluation": json.loads(config_json)})
-            record = {"name": target, "kind": "evaluate", "metrics": {}, "run_id": run_id}
-            history["stages"].append(record)
-        else:
-            run_id = record["run_id"]
-        # the producing stage's own figures stay; the evaluation adds quality and ratios
-        record["metrics"] = {**metrics, **record["metrics"]}
-    tracking.log_metrics(run_id, metrics)
-    if target == "baseline" or record["kind"] == "evaluate":
-        tracking.finish(run_id)
+        evals["evaluations"].append(record)
     log.info("evaluation of %s: perplexity %.3f over %d tokens", target, metrics["perplexity"], metrics["eval_tokens"])
-    return json.dumps(history), metrics
+    return json.dumps(evals), metrics
 
 
 @user_errors_exit
-def finish(history_json: str, results_path: str, report_path: str, html_path: str | None = None) -> None:
-    """Write results.json and the report (Markdown and HTML, plot inline); log them and
-    the plot on the parent run, register the final model and close the run."""
-    history = json.loads(history_json)
-    tracking.use_spool(history["tracking"].get("spool"))
-    results = {k: history[k] for k in ("recipe", "tracking", "baseline", "stages")}
+def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: str, report_path: str, html_path: str | None = None) -> None:
+    """Merge the stages' and evaluations' records into results.json and the report
+    (Markdown and HTML, plot inline); open the pipeline run's parent run in MLflow, nest
+    every stage's run under it (a copy for a run an earlier pipeline run already holds,
+    because its step came from the cache), log the evaluations, register the final
+    model and close the run."""
+    recipe = json.loads(recipe_json)
+    tracking.use_spool(spool_for(recipe["name"], recipe.get("storage", {}).get("root", "")))
+    produced = {s["name"]: s for s in (json.loads(stages_json) if stages_json else {"stages": []})["stages"]}
+    evals = json.loads(evals_json)
+    evaluated = {e["target"]: e for e in evals["evaluations"]}
+    experiment = recipe["tracking"]["experiment"]
+    parent = _open_parent(recipe)
+    baseline_run = tracking.start_child(parent, "baseline", {"evaluation": evals["baseline"]["config"]}, experiment)
+    tracking.log_metrics(baseline_run, evals["baseline"]["metrics"])
+    tracking.finish(baseline_run)
+    records = []
+    for stage in recipe["stages"]:
+        name, evaluation = stage["name"], evaluated.get(stage["name"])
+        if stage["kind"] == "evaluate":
+            run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment)
+            tracking.log_metrics(run_id, evaluation["metrics"])
+            tracking.finish(run_id)
+            records.append({"name": name, "kind": "evaluate", "metrics": evaluation["metrics"], "run_id": run_id})
+            continue
+        record = produced[name]
+        run_id = tracking.attach(record["run_id"], parent, name)
+        if evaluation:  # the producing stage's own figures stay; the evaluation adds quality and ratios
+            tracking.log_metrics(run_id, evaluation["metrics"])
+        records.append({**record, "metrics": {**(evaluation or {}).get("metrics", {}), **record["metrics"]}, "run_id": run_id})
+    results = {
+        "recipe": {"name": recipe["name"], "hash": recipe_hash(recipe)},
+        "tracking": {"parent_run_id": parent, "experiment": experiment, "register_as": recipe["tracking"].get("register_as") or recipe["name"]},
+        "baseline": {"metrics": evals["baseline"]["metrics"], "run_id": baseline_run},
+        "stages": records,
+    }
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(results, indent=2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,18 +360,16 @@ def finish(history_json: str, results_path: str, report_path: str, html_path: st
         if html_path:
             Path(html_path).parent.mkdir(parents=True, exist_ok=True)
             Path(html_path).write_text(written["html"].read_text())
-        parent = history["tracking"]["parent_run_id"]
         if parent:
-            final = history["stages"][-1]["metrics"] if history["stages"] else history["baseline"]["metrics"]
+            final = records[-1]["metrics"] if records else results["baseline"]["metrics"]
             tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
-            tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in history["baseline"]["metrics"].items()})
+            tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in results["baseline"]["metrics"].items()})
             _log_named(parent, results_path, "results.json")
             for path in written.values():
                 _log_named(parent, str(path), path.name)
-            produced = [s for s in history["stages"] if s.get("model_uri")]
-            if produced:
-                name = history["tracking"].get("register_as") or history["recipe"]["name"]
-                tracking.register_model(name, produced[-1]["model_uri"], parent, produced[-1]["metrics"])
+            models = [s for s in records if s.get("model_uri")]
+            if models:
+                tracking.register_model(results["tracking"]["register_as"], models[-1]["model_uri"], parent, models[-1]["metrics"])
             tracking.finish(parent)
     print(report.table(results), flush=True)
 

@@ -2,6 +2,7 @@
 followed by an evaluation of its output), and the report. Compiles to KFP IR YAML.
 (No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)"""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def apply_resources(task: Any, resources: Resources) -> None:
         # NCCL and DataLoader workers share memory through /dev/shm; the runtime's 64Mi
         # default makes multi-GPU steps crash. Unsized, it counts against the memory limit.
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=resources.shm)
+    if resources.scratch:  # where a step stages models it moves itself (storage.root on S3)
+        task.set_env_variable("LLMPRESS_SCRATCH", resources.scratch.mount_path)
     if resources.scratch and resources.scratch.pvc:
         kubernetes.mount_pvc(task, pvc_name=resources.scratch.pvc, mount_path=resources.scratch.mount_path)
     elif resources.scratch:
@@ -62,36 +65,41 @@ def build_pipeline(recipe: Recipe) -> Any:
         apply_cluster(task, recipe.cluster)
         return task
     recipe_json = recipe.model_dump_json()
+    # what every step knows of the recipe; each step gets only the settings it uses, so
+    # that editing one stage reruns that stage and what follows it, nothing before
+    context = json.dumps({"recipe": recipe.name, "experiment": recipe.tracking.experiment, "storage": recipe.storage.root})
     evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
 
-    def evaluate(model: Any, history: Any, target: str, config_json: str, resources: Resources) -> Any:
+    def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources) -> Any:
         ops = gpu_ops if resources.gpus else cpu_ops
-        task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, history=history)
+        task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, field=field, evals=evals)
         task.set_display_name(f"evaluate-{target}")
-        return place(task, resources)
+        return place(task, resources).outputs["Output"]
 
     @dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress recipe {recipe.name}")
     def pipeline() -> dsl.Artifact:
-        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), recipe_json=recipe_json)
+        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context)
         imported.set_display_name("import-model")
         place(imported, recipe.cluster.light_resources)
         model = imported.outputs["model"]
-        history = evaluate(model, imported.outputs["Output"], "baseline", evaluation, recipe.evaluation.resources).outputs["Output"]
+        # two chains of records: evaluations (baseline first) and model-producing stages
+        evals = evaluate(model, "", "baseline", "evaluation", evaluation, recipe.evaluation.resources)
+        stages: Any = ""
         for stage in recipe.stages:
             if stage.kind == "evaluate":
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
-                history = evaluate(model, history, stage.name, config, stage.resources).outputs["Output"]
+                evals = evaluate(model, evals, stage.name, f"stages.{stage.name}", config, stage.resources)
                 continue
             ops = gpu_ops if stage.resources.gpus else cpu_ops
-            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, history=history)
+            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=stages)
             task.set_display_name(stage.name)
             place(task, stage.resources)
-            model, history = task.outputs["model_out"], task.outputs["Output"]
+            model, stages = task.outputs["model_out"], task.outputs["Output"]
             if stage.kind in PRODUCES_MODEL and recipe.evaluation.after_each_stage:
-                history = evaluate(model, history, stage.name, evaluation, recipe.evaluation.resources).outputs["Output"]
-        final = cpu_ops["finish"](history=history)
+                evals = evaluate(model, evals, stage.name, "evaluation", evaluation, recipe.evaluation.resources)
+        final = cpu_ops["finish"](stages=stages, evals=evals, recipe_json=recipe_json)
         final.set_display_name("report")
         place(final, recipe.cluster.light_resources)
         return final.outputs["results"]

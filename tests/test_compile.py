@@ -52,8 +52,13 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
     tasks = spec["root"]["dag"]["tasks"]
     names = {t["taskInfo"]["name"] for t in tasks.values()}
     assert names == {"import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
-    # the stage runs after the baseline evaluation (history) on the imported model
-    assert sorted(tasks["run-stage"]["dependentTasks"]) == ["evaluate", "import-model"]
+    # the stage needs only the imported model (not the baseline evaluation: editing the
+    # evaluation settings must not redo it, and on a cluster the two run side by side);
+    # the stage's evaluation needs the stage's model and the baseline's figures; the
+    # report needs both chains of records
+    assert sorted(tasks["run-stage"]["dependentTasks"]) == ["import-model"]
+    assert sorted(tasks["evaluate-2"]["dependentTasks"]) == ["evaluate", "run-stage"]
+    assert sorted(tasks["finish"]["dependentTasks"]) == ["evaluate-2", "run-stage"]
 
 
 def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_path, monkeypatch, capsys):

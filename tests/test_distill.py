@@ -247,21 +247,22 @@ def test_the_pipeline_step_materializes_the_teacher_and_keeps_checkpoints_under_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    parent = tracking.start_parent("tests", "kd-step", params={}, tags={})
     recipe = parse_recipe(tiny_recipe(name="kd-step", teacher={"source": TINY}, storage={"root": str(tmp_path / "store")}, stages=[
         {"name": "kd", "kind": "distill", "student": SMALL, "steps": 6, "save_every": 3, "batch_size": 4, "device": "cpu",
          "gradient_checkpointing": False, "data": TRAIN.model_dump()}]))
-    history = json.dumps({"recipe": {"name": "kd-step", "hash": "h"}, "tracking": {"parent_run_id": parent, "experiment": "tests"},
-                          "storage": str(tmp_path / "store"), "baseline": {"metrics": {}, "run_id": None}, "stages": []})
+    context = json.dumps({"recipe": "kd-step", "experiment": "tests", "storage": str(tmp_path / "store")})
     stage_json = recipe.stage_json(recipe.stages[0])
     calibration = recipe.data.calibration.model_dump_json()
-    done, first = steps.run_stage(str(tiny_model_dir), str(tmp_path / "out1"), stage_json, calibration, history)
-    child = tracking._resolve(json.loads(done)["stages"][0]["run_id"])
+    done, first = steps.run_stage(str(tiny_model_dir), str(tmp_path / "out1"), stage_json, calibration, context, "")
+    (record,) = json.loads(done)["stages"]
+    child = tracking._resolve(record["run_id"])
     losses = MlflowClient(uri).get_metric_history(child, "train.loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]
-    work = tmp_path / "store" / "kd-step" / "h" / "kd-work"
+    # the step's key depends on its inputs only, so a rerun finds the same work folder
+    work = tmp_path / "store" / "kd-step" / record["key"] / "kd-work"
     assert first["resumed_from_step"] == 0 and (work / "teacher" / "config.json").is_file()
     assert sorted(p.name for p in (work / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    _, again = steps.run_stage(str(tiny_model_dir), str(tmp_path / "out2"), stage_json, calibration, history)
+    again_json, again = steps.run_stage(str(tiny_model_dir), str(tmp_path / "out2"), stage_json, calibration, context, "")
+    assert json.loads(again_json)["stages"][0]["key"] == record["key"]
     assert again["resumed_from_step"] == 6  # the finished run's last checkpoint: nothing is retrained
     assert (tmp_path / "out2" / "config.json").is_file()
