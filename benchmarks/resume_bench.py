@@ -1,10 +1,13 @@
-"""What a rerun with nothing changed costs, against the first run of the same recipe.
+"""What a rerun costs against the first run of the same recipe: with nothing changed,
+and after editing the last quantize stage's settings.
 
     python benchmarks/resume_bench.py [--recipe recipes/demo.yaml]
 
-Runs ``llmpress run RECIPE --out DIR`` twice into one fresh folder (the real CLI, in a
-subprocess, as a user would) and prints the wall time of each, the second as a share
-of the first. Without ``--recipe`` it uses the tests' tiny GPTQ recipe.
+Runs ``llmpress run RECIPE --out DIR`` three times into one fresh folder (the real CLI,
+in a subprocess, as a user would): the recipe, the same recipe again, then the recipe
+with the last quantize stage's ``group_size`` changed (128 <-> 64). Prints the wall
+time of each as a share of the first. Without ``--recipe`` it uses a tiny SparseGPT →
+GPTQ recipe on the tests' model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ TINY = {
     "model": {"source": "builtin:pydoc-llama-tiny"},
     "data": {"calibration": {"source": "builtin:pydoc-train", "num_samples": 16, "seq_len": 64},
              "evaluation": {"source": "builtin:pydoc-eval", "num_samples": 24, "seq_len": 64}},
-    "stages": [{"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"}],
+    "stages": [{"name": "sparsegpt", "kind": "prune", "method": "sparsegpt", "sparsity": 0.5},
+               {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"}],
     "tracking": {"experiment": "bench"},
 }
 
@@ -39,22 +43,37 @@ def run(recipe: Path, out: Path) -> float:
     return seconds
 
 
+def edited(recipe: dict) -> dict | None:
+    """The recipe with its last quantize stage's group size changed, or None without one."""
+    quantize = [s for s in recipe.get("stages", []) if s.get("kind") == "quantize"]
+    if not quantize or recipe["stages"][-1] is not quantize[-1]:
+        return None
+    quantize[-1]["group_size"] = 64 if quantize[-1].get("group_size", 128) == 128 else 128
+    return recipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = args.recipe
-        if recipe is None:
-            recipe = Path(tmp) / "recipe.yaml"
-            recipe.write_text(yaml.safe_dump(TINY))
+        recipe = Path(tmp) / "recipe.yaml"
+        original = yaml.safe_load(args.recipe.read_text()) if args.recipe else TINY
+        recipe.write_text(yaml.safe_dump(original))
         first = run(recipe, Path(tmp) / "out")
         second = run(recipe, Path(tmp) / "out")
-    print(f"\nrecipe: {args.recipe or 'tiny GPTQ (builtin:pydoc-llama-tiny)'}; {os.cpu_count()} CPUs\n")
-    print(f"{'run':36s} {'wall s':>8s} {'of first':>9s}")
-    print(f"{'-' * 36} {'-' * 8} {'-' * 9}")
-    print(f"{'first run':36s} {first:8.1f} {100:8.0f}%")
-    print(f"{'rerun, nothing changed (all cached)':36s} {second:8.1f} {100 * second / first:8.1f}%")
+        change = edited(original)
+        third = None
+        if change is not None:
+            recipe.write_text(yaml.safe_dump(change))
+            third = run(recipe, Path(tmp) / "out")
+    print(f"\nrecipe: {args.recipe or 'tiny SparseGPT 50% -> GPTQ (builtin:pydoc-llama-tiny)'}; {os.cpu_count()} CPUs\n")
+    print(f"{'run':52s} {'wall s':>8s} {'of first':>9s}")
+    print(f"{'-' * 52} {'-' * 8} {'-' * 9}")
+    print(f"{'first run':52s} {first:8.1f} {100:8.0f}%")
+    print(f"{'rerun, nothing changed (all cached)':52s} {second:8.1f} {100 * second / first:8.1f}%")
+    if third is not None:
+        print(f"{'rerun, last stage edited (it, its evaluation, report)':52s} {third:8.1f} {100 * third / first:8.1f}%")
 
 
 if __name__ == "__main__":
