@@ -57,7 +57,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3-compatible server (moto) on 127.0.0.1 for the whole session (tests/servers.py)."""
+    """A real S3-compatible server (SeaweedFS, or moto with LLMPRESS_TEST_S3_SERVER=moto) on 127.0.0.1 for the whole session (tests/servers.py)."""
     from servers import s3_server as make
 
     server = make(tmp_path_factory.mktemp("s3-server")).start()

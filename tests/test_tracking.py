@@ -153,3 +153,30 @@ def test_attach_adopts_a_free_stage_run_copies_a_claimed_one_and_replays_once(se
     tracking.sync(spool)  # the same record replayed again (applied, not yet deleted, when a replay died)
     copies = children(client, third)
     assert set(copies) == {"wanda"} and copies["wanda"].data.metrics["perplexity"] == 7.5
+
+
+def test_spool_on_s3_outlives_the_step_and_sync_replays_it(server, s3_bucket, tmp_path):
+    """On the cluster the spool is an S3 prefix (``<storage.root>/<recipe>/tracking-spool``),
+    so records written while MLflow is down survive the pod; `llmpress sync s3://…` replays them."""
+    spool = f"s3://{s3_bucket}/runs/recipe-e/tracking-spool"
+    tracking.use_spool(spool)
+    server.kill()
+    stage = tracking.start_run("t-s3-spool", "gptq", {"bits": 4}, {"llmpress.recipe": "recipe-e"})
+    tracking.log_metrics(stage, {"perplexity": 9.5})
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG fake")
+    tracking.log_artifact(stage, tmp_path / "plot.png")
+    tracking.finish(stage)
+    assert stage.startswith(tracking.PLACEHOLDER) and tracking_spool.pending(spool) == 5
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/recipe-e/tracking-spool/")["Contents"]]
+    assert len(keys) >= 5  # the records (and the artifact's bytes) are objects in the bucket, not files in the pod
+    server.start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+    result = run_cli("sync", spool, env=env)
+    assert result.returncode == 0 and "replayed 5 records" in result.stdout, result.stdout + result.stderr
+    assert tracking_spool.pending(spool) == 0
+    real = tracking_spool.read_ids(spool)[stage]
+    run = MlflowClient(server.url).get_run(real)
+    assert run.data.metrics == {"perplexity": 9.5} and run.data.params == {"bits": "4"} and run.info.status == "FINISHED"
+    assert [a.path for a in MlflowClient(server.url).list_artifacts(real)] == ["plot.png"]
