@@ -19,6 +19,7 @@ from kfp import kubernetes
 from llmpress.components.errors import UserError
 
 KFP_CRD_API = "pipelines.kubeflow.org/v2beta1"
+KFP_RUN_LABEL = "pipeline/runid"  # on every pod of a run (KFP's backend sets it; its launcher reads it)
 # Secret keys mapped to env vars of the same name: boto3 and MLflow read exactly these.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -43,6 +44,9 @@ def apply_cluster(task: Any, cluster: Any) -> None:
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
     kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_group=cluster.run_as_user, run_as_non_root=True)
+    # the KFP run's id, from the label KFP's backend puts on every step's pod, for the MLflow
+    # tag llmpress.kfp_run: an env var, not an input, so it leaves the step's cache key alone
+    kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path=f"metadata.labels['{KFP_RUN_LABEL}']")
 
 
 # --- defaults per stage kind (the chart's values) -------------------------------------

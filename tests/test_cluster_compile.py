@@ -97,6 +97,15 @@ def test_every_step_reads_s3_and_mlflow_secrets_by_name_and_runs_as_non_root(thr
         assert [k["envVar"] for k in ex["configMapAsEnv"][0]["keyToEnv"]][0] == "MLFLOW_TRACKING_URI"
         assert ex["imagePullSecret"] == [{"secretName": "pull", "secretNameParameter": {"runtimeValue": {"constant": "pull"}}}]
         assert ex["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}
+        assert ex["fieldPathAsEnv"] == [{"name": "KFP_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"}], name
+
+
+def test_a_scratch_volume_is_where_steps_stage_the_models_they_move(three_stage):
+    spec, _, _ = three_stage
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][by_task(spec, "gptq")]["container"].get("env", [])}
+    assert env == {"LLMPRESS_SCRATCH": "/scratch"}
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][by_task(spec, "evaluate-eval-gpu")]["container"].get("env", [])}
+    assert env == {"LLMPRESS_SCRATCH": "/models"}
 
 
 def test_a_recipe_for_irsa_sends_no_s3_secret(tmp_path):

@@ -71,3 +71,27 @@ def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_
     assert main(["compile", str(write_recipe(recipe)), "-o", str(tmp_path / "p.yaml")]) == 2
     assert capsys.readouterr().err.strip() == "llmpress: error: stages[0].kind: 'prune' — not built yet in this version; built: quantize, evaluate"
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_editing_a_later_stage_leaves_what_kfp_caches_earlier_steps_by_unchanged(tmp_path):
+    """KFP's cache key on a cluster is built from a task's component, container and input
+    values: for every step before the edited stage they must be byte-for-byte the same."""
+    from llmpress.pipeline import compile_recipe as compile_to
+    from llmpress.recipe import parse_recipe
+
+    stages = [{"name": "wanda", "kind": "prune", "method": "wanda", "sparsity": 0.3},
+              {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16", "group_size": 64}]
+    first = next(yaml.safe_load_all(compile_to(parse_recipe(tiny_recipe(stages=stages)), tmp_path / "a.yaml").read_text()))
+    stages[1]["group_size"] = 32
+    second = next(yaml.safe_load_all(compile_to(parse_recipe(tiny_recipe(stages=stages, description="edited")), tmp_path / "b.yaml").read_text()))
+
+    def cache_material(spec: dict, task: str) -> tuple:
+        t = spec["root"]["dag"]["tasks"][task]
+        component = spec["components"][t["componentRef"]["name"]]
+        return t["inputs"], component["inputDefinitions"], spec["deploymentSpec"]["executors"][component["executorLabel"]]
+
+    names = {t["taskInfo"]["name"]: key for key, t in first["root"]["dag"]["tasks"].items()}
+    for display in ("import-model", "evaluate-baseline", "wanda", "evaluate-wanda"):
+        assert cache_material(first, names[display]) == cache_material(second, names[display]), display
+    for display in ("gptq", "report"):
+        assert cache_material(first, names[display]) != cache_material(second, names[display]), display
