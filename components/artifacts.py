@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from llmpress.components.errors import UserError
 log = logging.getLogger("llmpress.artifacts")
 
 MANIFEST = "llmpress-manifest.json"
+PENDING = "llmpress-pending.json"  # names the data prefix of an upload not committed yet
 DATA = "llmpress-data"
 FORMAT = "llmpress-artifact/1"
 MB = 1024 * 1024
@@ -71,9 +73,9 @@ class Store(Protocol):
     def describe(self, key: str) -> str: ...
     def read_bytes(self, key: str) -> bytes | None: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
-    def stat(self, key: str, sha256: str) -> bool: ...
     def size(self, key: str) -> int | None: ...
-    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None: ...
+    def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]: ...  # (SHA-256, already there)
+    def abort_uploads(self, prefix: str, keep: str) -> None: ...
     def download(self, key: str, path: Path, size: int) -> None: ...
     def list(self, prefix: str) -> list[tuple[str, int]]: ...
     def delete(self, keys: list[str]) -> None: ...
@@ -152,47 +154,52 @@ def exists(uri: str, tuning: Tuning | None = None) -> bool:
 def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> Stats:
     """Upload a directory as one artifact; visible only once complete (manifest last).
 
-    Rerunning after an interruption uploads only what is missing; rerunning with the
-    same content when the artifact is already committed moves nothing."""
+    Each file is read once: its SHA-256 is computed while its parts go up. Rerunning
+    after an interruption uploads only what is missing; rerunning with the same content
+    when the artifact is already committed moves nothing."""
     tuning = tuning or Tuning()
     start = time.monotonic()
     local_dir = Path(local_dir)
-    files = _scan(local_dir, tuning.concurrency)
-    tree = tree_id(files)
-    stats = Stats(files=len(files), tree=tree)
+    files = _list(local_dir)
+    stats = Stats(files=len(files))
     store = open_store(uri, tuning)
     try:
         current = read_manifest(store)
-        if current and current.get("tree") == tree:
-            stats.skipped_files, stats.skipped_bytes = len(files), sum(f["size"] for f in files)
-            log.info("artifact %s already holds this content (%d files); nothing to upload", uri, len(files))
-            return stats
+        if current and _shape(current["files"]) == _shape(files):
+            # maybe the same content again (a rerun): hashing (one read, no upload) tells
+            hashed = _scan(local_dir, tuning.concurrency)
+            if current.get("tree") == tree_id(hashed):
+                stats.tree, stats.skipped_files, stats.skipped_bytes = current["tree"], len(files), sum(f["size"] for f in files)
+                log.info("artifact %s already holds this content (%d files); nothing to upload", uri, len(files))
+                return stats
+        session = _session(store, files)
+        base = f"{DATA}/{session}/"
         total = sum(f["size"] for f in files)
         log.info("uploading %d files, %.1f MB to %s", len(files), total / MB, uri)
 
         def one(entry: dict[str, Any]) -> None:
-            key = f"{DATA}/{tree}/{entry['path']}"
-            if store.stat(key, entry["sha256"]):
+            entry["sha256"], skipped = store.upload(local_dir / entry["path"], base + entry["path"], entry["size"], stats)
+            if skipped:
                 stats.skipped_files += 1
                 stats.skipped_bytes += entry["size"]
-                return
-            store.upload(local_dir / entry["path"], key, entry["size"], entry["sha256"], stats)
-            stats.bytes += entry["size"]
+            else:
+                stats.bytes += entry["size"]
 
         # large files first so that the pool never ends waiting on one big straggler
         with ThreadPoolExecutor(tuning.concurrency) as pool:
             list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
             # check before committing: a store that lost objects mid-upload (a server
             # restarted from an empty volume) gets them again instead of a broken manifest
-            lost = [f for f in files if not store.stat(f"{DATA}/{tree}/{f['path']}", f["sha256"])]
+            lost = [f for f in files if store.size(base + f["path"]) != f["size"]]
             if lost:
                 log.warning("%d files went missing from %s during the upload; sending them again", len(lost), uri)
                 list(pool.map(one, lost))
-            if any(not store.stat(f"{DATA}/{tree}/{f['path']}", f["sha256"]) for f in lost):
-                raise UserError(f"{store.describe(DATA + '/' + tree)}: objects keep disappearing after upload; check the store")
-        manifest = {"format": FORMAT, "tree": tree, "data": f"{DATA}/{tree}/", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+            if any(store.size(base + f["path"]) != f["size"] for f in lost):
+                raise UserError(f"{store.describe(base)}: objects keep disappearing after upload; check the store")
+        stats.tree = tree_id(files)
+        manifest = {"format": FORMAT, "tree": stats.tree, "data": base, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
         store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit
-        _drop_old_versions(store, tree)
+        _drop_old_versions(store, base)
     finally:
         store.close()
     stats.seconds = time.monotonic() - start
@@ -201,11 +208,43 @@ def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> St
     return stats
 
 
-def _drop_old_versions(store: Store, tree: str) -> None:
-    """After a commit, data of other versions is garbage (readers follow the manifest)."""
-    stale = [key for key, _ in store.list(f"{DATA}/") if not key.startswith(f"{DATA}/{tree}/")]
+def _list(local_dir: Path) -> list[dict[str, Any]]:
+    """The files to upload, by path: ``{"path", "size"}`` (SHA-256 is added while uploading)."""
+    if not local_dir.is_dir():
+        raise UserError.field("artifact", str(local_dir), "no such local directory to upload")
+    paths = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.endswith(".part"))
+    return [{"path": p.relative_to(local_dir).as_posix(), "size": p.stat().st_size} for p in paths]
+
+
+def _shape(files: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(f["path"], f["size"]) for f in files]
+
+
+def _session(store: Store, files: list[dict[str, Any]]) -> str:
+    """The data prefix this upload writes under: the unfinished upload's (named in
+    ``llmpress-pending.json``) when it was of the same files, so that a rerun reuses what
+    it sent; else a new one. Keys cannot come from the content's hash: that is known
+    only once every file has been read, and reading each file once is the point."""
+    raw = store.read_bytes(PENDING)
+    try:
+        pending = json.loads(raw) if raw else None
+        if pending and [tuple(f) for f in pending["files"]] == _shape(files):
+            return str(pending["session"])
+    except (ValueError, KeyError, TypeError):
+        pass  # an unreadable marker: start afresh
+    session = uuid.uuid4().hex[:16]
+    store.write_bytes(PENDING, json.dumps({"session": session, "files": _shape(files)}).encode())
+    return session
+
+
+def _drop_old_versions(store: Store, base: str) -> None:
+    """After a commit, data of other versions and unfinished uploads are garbage (readers
+    follow the manifest)."""
+    stale = [key for key, _ in store.list(f"{DATA}/") if not key.startswith(base)]
     if stale:
         store.delete(stale)
+    store.delete([PENDING])
+    store.abort_uploads(f"{DATA}/", keep=base)
 
 
 def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False, tree: str | None = None) -> Stats:
@@ -300,16 +339,32 @@ class LocalStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic on one filesystem: the commit
 
-    def stat(self, key: str, sha256: str) -> bool:
-        path = self.root / key
-        return path.is_file() and sha256_file(path) == sha256
-
     def size(self, key: str) -> int | None:
         path = self.root / key
         return path.stat().st_size if path.is_file() else None
 
-    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
-        self._copy(path, self.root / key)
+    def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]:
+        target = self.root / key
+        if target.is_file() and target.stat().st_size == size:  # an interrupted run's file
+            digest = sha256_file(path)
+            if sha256_file(target) == digest:
+                return digest, True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        digest = hashlib.sha256()
+        buffer = bytearray(HASH_CHUNK)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as source, open(tmp, "wb") as out:  # one read: copy and hash
+            while n := source.readinto(buffer):
+                digest.update(view[:n])
+                out.write(view[:n])
+                if self.tuning.progress:
+                    self.tuning.progress(n)
+        os.replace(tmp, target)
+        return digest.hexdigest(), False
+
+    def abort_uploads(self, prefix: str, keep: str) -> None:
+        pass  # a half-copied file is a temporary name under its version's prefix, already deleted
 
     def download(self, key: str, path: Path, size: int) -> None:
         source = self.root / key

@@ -19,9 +19,10 @@ import hashlib
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -127,6 +128,19 @@ def retrying(where: str, fn: Callable[[], T], tuning: Tuning, transient: Callabl
     raise AssertionError("unreachable")
 
 
+def _digests(path: Path, size: int, step: int) -> tuple[str, str]:
+    """(SHA-256, the ETag S3 gives a multipart upload of ``step``-sized parts: the MD5 of
+    the parts' MD5s, "-", the part count) of a file, in one read. Servers whose ETags
+    are not MD5-based never match, and the file is uploaded again: slower, never wrong."""
+    digest, md5s = hashlib.sha256(), []
+    with open(path, "rb", buffering=0) as f:
+        for _ in range(0, size, step):
+            data = f.read(step)
+            digest.update(data)
+            md5s.append(hashlib.md5(data, usedforsecurity=False).digest())
+    return digest.hexdigest(), f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(md5s)}"
+
+
 class S3Store:
     """One artifact prefix in one bucket."""
 
@@ -136,6 +150,7 @@ class S3Store:
         self.client = make_client(tuning)
         # parts get their own pool: file tasks wait on parts and must not starve them
         self.parts = ThreadPoolExecutor(tuning.concurrency)
+        self.slots = threading.Semaphore(tuning.concurrency + 2)  # parts read and not yet sent: bounds memory
 
     def close(self) -> None:
         self.parts.shutdown(wait=True)
@@ -202,40 +217,70 @@ class S3Store:
 
     # --- upload -----------------------------------------------------------------
 
-    def upload(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
-        if size <= self.part_size(size):
+    def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]:
+        """Upload one file, reading it once; returns (its SHA-256, whether it was already there)."""
+        step = self.part_size(size)
+        if size <= step:  # one PUT; the bytes (at most a part) are hashed first, so the object carries its SHA-256
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if self.stat(key, digest):
+                return digest, True
+
             def put() -> None:
-                with open(path, "rb") as f:  # streamed by botocore, not read whole
-                    self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, Metadata={"sha256": sha256})
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest})
                 self._moved(size)
 
             self._call(key, put)
-        else:
-            # a lost upload (NoSuchUpload, e.g. a server that restarted empty) is transient here: start over
-            self._call(key, lambda: self._multipart(path, key, size, sha256, stats))
+            return digest, False
+        head = self._head(key)
+        if head is not None and int(head["ContentLength"]) == size:  # finished by an interrupted run?
+            digest, etag = _digests(path, size, step)
+            if head.get("ETag", "").strip('"') == etag:
+                return digest, True
+        # a lost upload (NoSuchUpload, e.g. a server that restarted empty) is transient here: start over
+        return self._call(key, lambda: self._multipart(path, key, size, stats)), False
 
-    def _multipart(self, path: Path, key: str, size: int, sha256: str, stats: Stats) -> None:
+    def _multipart(self, path: Path, key: str, size: int, stats: Stats) -> str:
+        """Parts read in order (hashing the file as they are read) and sent in parallel;
+        at most ``concurrency`` + 2 parts are in memory at once."""
         full, step = self._key(key), self.part_size(size)
         ranges = {n: (offset, min(step, size - offset)) for n, offset in enumerate(range(0, size, step), 1)}
         upload_id, etags = self._resume(full, path, ranges)
         if upload_id is None:
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata={"sha256": sha256})["UploadId"]
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         stats.reused_parts += len(etags)
+        digest = hashlib.sha256()
+        futures: dict[int, Future[str]] = {}
+        failed = threading.Event()
         fd = os.open(path, os.O_RDONLY)
         try:
-            futures = {n: self.parts.submit(self._part, fd, key, upload_id, n, *ranges[n]) for n in ranges if n not in etags}
-            for n, future in futures.items():
-                etags[n] = future.result()
+            for n in sorted(ranges):
+                self.slots.acquire()
+                if failed.is_set():
+                    self.slots.release()
+                    break
+                try:
+                    data = os.pread(fd, ranges[n][1], ranges[n][0])
+                    digest.update(data)
+                except BaseException:
+                    self.slots.release()
+                    raise
+                if n in etags:
+                    self.slots.release()
+                    continue
+                futures[n] = self.parts.submit(self._part, data, key, upload_id, n, failed)
         finally:
             os.close(fd)
+        for n, future in futures.items():
+            etags[n] = future.result()  # the first failure raises here
         parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
         self.client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        return digest.hexdigest()
 
-    def _part(self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int) -> str:
+    def _part(self, data: bytes, key: str, upload_id: str, number: int, failed: threading.Event) -> str:
         def send() -> str:
-            data = os.pread(fd, length, offset)
             etag = self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
-            self._moved(length)
+            self._moved(len(data))
             return etag
 
         def part_may_succeed(err: BaseException) -> bool:
@@ -246,7 +291,24 @@ class S3Store:
             status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             return status < 500 or not self._upload_gone(key, upload_id)
 
-        return retrying(self.describe(f"{key} (part {number})"), send, self.tuning, part_may_succeed)
+        try:
+            return retrying(self.describe(f"{key} (part {number})"), send, self.tuning, part_may_succeed)
+        except BaseException:
+            failed.set()  # the reader stops reading parts of a file that cannot complete
+            raise
+        finally:
+            self.slots.release()
+
+    def abort_uploads(self, prefix: str, keep: str) -> None:
+        """Abort unfinished multipart uploads under ``prefix`` but outside ``keep`` (an
+        abandoned upload's parts would otherwise be stored, and billed, forever)."""
+        def abort() -> None:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+            for upload in (u for page in pages for u in page.get("Uploads", [])):
+                if not upload["Key"].startswith(self._key(keep)):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+        self._call(prefix, abort)
 
     def _upload_gone(self, key: str, upload_id: str) -> bool:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -181,3 +182,32 @@ def test_credentials_never_appear_in_logs_or_errors(s3_bucket, tmp_path, caplog,
     assert "s3://" in caplog.text and len(caplog.records) > 20  # the capture did capture the transfer
     assert SECRET_KEY not in seen
     assert os.environ["AWS_ACCESS_KEY_ID"] not in "".join(r.getMessage() for r in caplog.records if r.name.startswith("llmpress"))
+
+
+def test_an_abandoned_upload_of_other_content_leaves_nothing_behind(s3_bucket, tmp_path):
+    """An interrupted upload whose files then change (the step reran and wrote another
+    model) starts a new upload; the commit removes the abandoned data, its unfinished
+    multipart uploads and the marker that named it."""
+    from llmpress.components.artifacts import PENDING
+
+    uri = f"s3://{s3_bucket}/m"
+    with pytest.raises(Interrupt):
+        artifacts.put_dir(make_dir(tmp_path / "v1", seed=1), uri, interrupt_after(15 * MB))
+    assert keys(s3_bucket, f"m/{PENDING}") and boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    v2 = make_dir(tmp_path / "v2", seed=2)
+    (v2 / "config.json").write_text('{"seed": 2, "other": true}')  # other sizes: not the abandoned upload's files
+    up = artifacts.put_dir(v2, uri, tuning())
+    assert up.skipped_files == 0 and up.tree == json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key=f"m/{MANIFEST}")["Body"].read())["tree"]
+    assert keys(s3_bucket, f"m/{PENDING}") == []
+    assert not boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    assert len({k.split("/")[2] for k in keys(s3_bucket, f"m/{DATA}/")}) == 1
+    artifacts.get_dir(uri, tmp_path / "dst", tuning())
+    assert digests(tmp_path / "dst") == digests(v2)
+
+
+def test_the_tree_names_the_content_whatever_prefix_the_bytes_went_to(s3_bucket, tmp_path):
+    src = make_dir(tmp_path / "src")
+    first = artifacts.put_dir(src, f"s3://{s3_bucket}/a", tuning())
+    second = artifacts.put_dir(src, f"s3://{s3_bucket}/b", tuning(concurrency=1))
+    local = artifacts.put_dir(src, str(tmp_path / "store"))
+    assert first.tree == second.tree == local.tree == artifacts.tree_id(artifacts._scan(src, 2))
