@@ -4,16 +4,17 @@
 ``get_file(uri, path)`` work the same on a local folder and on ``s3://bucket/prefix``
 (any S3-compatible endpoint; see ``s3.py``). An artifact at ``uri`` is laid out as::
 
-    <uri>/llmpress-data/<tree>/<relative path of each file>
-    <uri>/llmpress-manifest.json      {"tree", "files": [{"path", "size", "sha256"}]}
+    <uri>/llmpress-data/<upload>/<relative path of each file>
+    <uri>/llmpress-manifest.json      {"tree", "data", "files": [{"path", "size", "sha256"}]}
+    <uri>/llmpress-pending.json       while an upload is unfinished: {"session", "files"}
 
-``tree`` is a hash of the file list (paths, sizes, SHA-256), so the data prefix is the
-temporary prefix of one version: it becomes the artifact only when the manifest that
-names it is written, last, in one atomic PUT/rename. Readers trust nothing without a
-manifest and verify every checksum, so a partial upload is never read as a model. The
-same content maps to the same keys, which is what makes an interrupted upload resume:
-files already there with the right checksum are skipped (and, on S3, finished parts of
-a multipart upload are reused). One writer per artifact URI at a time.
+The data prefix is the temporary prefix of one upload: it becomes the artifact only
+when the manifest that names it is written, last, in one atomic PUT/rename. ``tree``
+(a hash of paths, sizes and SHA-256s) names the content. Readers trust nothing without
+a manifest and verify every checksum, so a partial upload is never read as a model.
+Each file is read once while uploading (hashed as its parts go up); the pending marker
+lets a rerun of an interrupted upload continue under the same prefix, skipping files
+already there and reusing finished multipart parts. One writer per URI at a time.
 """
 
 from __future__ import annotations
