@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,22 @@ def mlflow_server(tmp_path_factory):
     server = make(base, base / "data").start()
     yield server
     server.kill()
+
+
+def executed(out: Path) -> list[list[str]]:
+    """The steps of `llmpress run --out OUT` that ran (wrote outputs), per pipeline run, oldest first."""
+    runs = sorted((p for p in (out / "artifacts").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return [sorted(t.name for t in run.iterdir() if t.is_dir()) for run in runs]
+
+
+def cli_env_on_s3(server: Any, bucket: str) -> tuple[dict[str, str], Any]:
+    """An environment for `llmpress run` against the test S3 server (tracking left to
+    the run's own sqlite file), with ``bucket`` created there; and a boto3 client."""
+    import boto3
+    from servers import s3_env
+
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **s3_env(server)}
+    client = boto3.client("s3", endpoint_url=server.url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    return env, client

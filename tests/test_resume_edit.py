@@ -9,31 +9,18 @@ test S3 server; between them only the quantize stage's group size changes.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-import boto3
 import pytest
 import yaml
-from conftest import run_cli, tiny_recipe
-from servers import s3_env
+from conftest import cli_env_on_s3, executed, run_cli, tiny_recipe
 
 BUCKET = "edit-resume"
-
-
-def executed(out: Path) -> list[list[str]]:
-    """The steps that ran (wrote outputs), per pipeline run, in the order of the runs."""
-    runs = sorted((p for p in (out / "artifacts").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    return [sorted(t.name for t in run.iterdir() if t.is_dir()) for run in runs]
 
 
 @pytest.fixture(scope="module")
 def edited(s3_server, tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("edit")
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **s3_env(s3_server)}
-    client = boto3.client("s3", endpoint_url=s3_server.url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
+    env, client = cli_env_on_s3(s3_server, BUCKET)
     recipe = tiny_recipe(name="edit", storage={"root": f"s3://{BUCKET}/runs"}, stages=[
         {"name": "wanda", "kind": "prune", "method": "wanda", "sparsity": 0.3},
         {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16", "group_size": 64},
