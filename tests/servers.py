@@ -111,6 +111,7 @@ def s3_server(log_dir: Path, kind: str | None = None) -> Server:
                "-volume.port={port3}", "-volume.port.grpc={port4}", "-volume.preStopSeconds=0",
                "-filer", "-filer.port={port5}", "-filer.port.grpc={port6}",
                "-s3", "-s3.port={port}", "-s3.port.grpc={port7}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    command += os.environ.get("LLMPRESS_SEAWEEDFS_ARGS", "").split()  # extra flags, for benchmarks (e.g. -filer.maxMB=64)
     return Server("seaweedfs-s3", command, "/healthz", log_dir, extra_ports=7)
 
 
