@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -241,8 +241,9 @@ class S3Store:
         return self._call(key, lambda: self._multipart(path, key, size, stats)), False
 
     def _multipart(self, path: Path, key: str, size: int, stats: Stats) -> str:
-        """Parts read in order (hashing the file as they are read) and sent in parallel;
-        at most ``concurrency`` + 2 parts are in memory at once."""
+        """Parts read in order and sent in parallel; the file's SHA-256 is computed from the
+        same bytes, in order, by a thread of its own (reading and hashing overlap). A part
+        leaves memory once sent and hashed: at most ``concurrency`` + 2 are held at once."""
         full, step = self._key(key), self.part_size(size)
         ranges = {n: (offset, min(step, size - offset)) for n, offset in enumerate(range(0, size, step), 1)}
         upload_id, etags = self._resume(full, path, ranges)
@@ -250,6 +251,7 @@ class S3Store:
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         stats.reused_parts += len(etags)
         digest = hashlib.sha256()
+        hasher = ThreadPoolExecutor(1)  # one worker: updates apply in part order
         futures: dict[int, Future[str]] = {}
         failed = threading.Event()
         fd = os.open(path, os.O_RDONLY)
@@ -261,23 +263,24 @@ class S3Store:
                     break
                 try:
                     data = os.pread(fd, ranges[n][1], ranges[n][0])
-                    digest.update(data)
+                    hashed = hasher.submit(digest.update, data)
                 except BaseException:
                     self.slots.release()
                     raise
-                if n in etags:
-                    self.slots.release()
+                if n in etags:  # already on the server: only hashed
+                    hashed.add_done_callback(lambda _: self.slots.release())
                     continue
-                futures[n] = self.parts.submit(self._part, data, key, upload_id, n, failed)
+                futures[n] = self.parts.submit(self._part, data, key, upload_id, n, failed, hashed)
         finally:
             os.close(fd)
+            hasher.shutdown(wait=True)
         for n, future in futures.items():
             etags[n] = future.result()  # the first failure raises here
         parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
         self.client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts})
         return digest.hexdigest()
 
-    def _part(self, data: bytes, key: str, upload_id: str, number: int, failed: threading.Event) -> str:
+    def _part(self, data: bytes, key: str, upload_id: str, number: int, failed: threading.Event, hashed: Future[None]) -> str:
         def send() -> str:
             etag = self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
             self._moved(len(data))
@@ -297,6 +300,7 @@ class S3Store:
             failed.set()  # the reader stops reading parts of a file that cannot complete
             raise
         finally:
+            wait([hashed])  # the bytes are still the hasher's until it is done with them
             self.slots.release()
 
     def abort_uploads(self, prefix: str, keep: str) -> None:
