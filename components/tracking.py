@@ -146,15 +146,13 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
         tags = {**record["tags"], **({PARENT_TAG: record["parent"]} if record.get("parent") else {})}
         if run and run.startswith(PLACEHOLDER):  # a replay: the same record never makes two runs
             tags["llmpress.spool_id"] = run
-            same = client.search_runs([experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{run}'")
-            if same:
-                return same[0].info.run_id
+            made = _made_by(client, experiment_id, run)
+            if made:
+                return made
         return client.create_run(experiment_id, run_name=record["name"], tags=tags, start_time=record.get("time")).info.run_id
     if op == "log_batch":
-        params = [Param(k, v) for k, v in record.get("params", {}).items()]
-        metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
-        for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limit for params
-            client.log_batch(run, params=params[i : i + 100], metrics=metrics[i : i + 100])
+        _log_batch(client, run, [Param(k, v) for k, v in record.get("params", {}).items()],
+                   [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])])
     elif op == "log_artifact":
         client.log_artifact(run, str(local_file))
     elif op == "terminate":
@@ -178,18 +176,27 @@ def _attach(client: Any, record: dict[str, Any]) -> str:
         return source.info.run_id
     run = record.get("run")
     if run and run.startswith(PLACEHOLDER):  # a replay: the same record never makes two copies
-        same = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{run}'")
-        if same:
-            return same[0].info.run_id
+        made = _made_by(client, parent.info.experiment_id, run)
+        if made:
+            return made
     tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
     tags.update({PARENT_TAG: parent.info.run_id, "llmpress.reused_from": source.info.run_id, **({"llmpress.spool_id": run} if run else {})})
     copy = client.create_run(parent.info.experiment_id, run_name=record["name"], tags=tags, start_time=source.info.start_time).info.run_id
-    params = [Param(k, v) for k, v in source.data.params.items()]
-    metrics = [Metric(k, v, source.info.end_time or _now(), 0) for k, v in source.data.metrics.items()]
-    for i in range(0, max(len(params), len(metrics)), 100):
-        client.log_batch(copy, params=params[i : i + 100], metrics=metrics[i : i + 100])
+    _log_batch(client, copy, [Param(k, v) for k, v in source.data.params.items()],
+               [Metric(k, v, source.info.end_time or _now(), 0) for k, v in source.data.metrics.items()])
     client.set_terminated(copy, status=source.info.status if source.info.status != "RUNNING" else "FINISHED", end_time=source.info.end_time)
     return copy
+
+
+def _made_by(client: Any, experiment_id: str, placeholder: str) -> str | None:
+    """The run an earlier replay of the same spooled record created, if any."""
+    same = client.search_runs([experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{placeholder}'")
+    return same[0].info.run_id if same else None
+
+
+def _log_batch(client: Any, run: str, params: list[Any], metrics: list[Any]) -> None:
+    for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limit for params
+        client.log_batch(run, params=params[i : i + 100], metrics=metrics[i : i + 100])
 
 
 def _register(client: Any, record: dict[str, Any]) -> None:
@@ -220,9 +227,7 @@ def start_parent(experiment: str, run_name: str, params: dict[str, Any], tags: d
     if not enabled():
         log.warning("MLFLOW_TRACKING_URI is not set: tracking is off for this run")
         return None
-    run_id = _submit({"op": "create_run", "experiment": experiment, "name": run_name, "tags": tags, "time": _now()})
-    log_params(run_id, params)
-    return run_id
+    return start_run(experiment, run_name, params, tags)
 
 
 def start_child(parent_id: str | None, name: str, params: dict[str, Any], experiment: str | None = None) -> str | None:
@@ -234,17 +239,16 @@ def start_child(parent_id: str | None, name: str, params: dict[str, Any], experi
             experiment = _client().get_experiment(_client().get_run(parent_id).info.experiment_id).name
         except Exception as err:
             _go_offline(err)
-    run_id = _submit({"op": "create_run", "experiment": experiment or "llmpress", "name": name, "tags": {}, "parent": parent_id, "time": _now()})
-    log_params(run_id, params)
-    return run_id
+    return start_run(experiment or "llmpress", name, params, {}, parent=parent_id)
 
 
-def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-    """Open a stage's own run, not nested yet: the step cannot know the pipeline run it
-    belongs to without making its cache key differ on every run. ``attach`` nests it."""
+def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str], parent: str | None = None) -> str | None:
+    """Open a run (nested under ``parent`` when given). A stage opens its own without a
+    parent: the step cannot know the pipeline run it belongs to without making its cache
+    key differ on every run; ``attach`` nests it later."""
     if not enabled():
         return None
-    run_id = _submit({"op": "create_run", "experiment": experiment, "name": name, "tags": tags, "time": _now()})
+    run_id = _submit({"op": "create_run", "experiment": experiment, "name": name, "tags": tags, **({"parent": parent} if parent else {}), "time": _now()})
     log_params(run_id, params)
     return run_id
 
