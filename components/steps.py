@@ -106,7 +106,7 @@ def _scratch(prefix: str) -> Path:
 
 
 @contextmanager
-def model_input(model_dir: str, field: str = "model") -> Iterator[str]:
+def model_input(model_dir: str) -> Iterator[str]:
     """The step's input model as a local folder. A pointer (what KFP passes when
     ``storage.root`` is on S3) is downloaded by llmpress itself, checksums verified,
     into scratch, and removed when the step is done with it."""
@@ -118,8 +118,8 @@ def model_input(model_dir: str, field: str = "model") -> Iterator[str]:
     local = _scratch("llmpress-in-")
     try:
         artifacts.get_dir(ref["uri"], local, plain_ok=ref.get("plain", False), tree=ref.get("tree") or None)
-        if ref.get("plain"):
-            check_model_dir(str(local), field)
+        if ref.get("plain"):  # only model.source is ever pointed at without a manifest
+            check_model_dir(str(local), "model.source")
         yield str(local)
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -248,6 +248,11 @@ def _config_fields(stage: dict[str, Any], config_type: Any) -> dict[str, Any]:
     return {k: v for k, v in stage.items() if k in config_type.model_fields}
 
 
+def _stage_records(stages_json: str) -> dict[str, Any]:
+    """The stages' records passed along the model-producing steps ('' before the first)."""
+    return json.loads(stages_json) if stages_json else {"stages": []}
+
+
 @user_errors_exit
 def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: str, context_json: str, stages_json: str) -> tuple[str, dict[str, Any]]:
     """Run one model-producing stage; returns (the stages' records with this one added, metrics).
@@ -258,7 +263,7 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
     stages before it, so a rerun reuses it while those are unchanged."""
     stage = json.loads(stage_json)
     context = _context(context_json)
-    chain = json.loads(stages_json) if stages_json else {"stages": []}
+    chain = _stage_records(stages_json)
     runner = STAGE_RUNNERS.get(stage["kind"])
     if runner is None:
         raise UserError.field(f"stages.{stage['name']}.kind", stage["kind"], f"not built yet in this version; built: {', '.join(BUILT_KINDS)}")
@@ -322,22 +327,25 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
     model and close the run."""
     recipe = json.loads(recipe_json)
     tracking.use_spool(spool_for(recipe["name"], recipe.get("storage", {}).get("root", "")))
-    produced = {s["name"]: s for s in (json.loads(stages_json) if stages_json else {"stages": []})["stages"]}
+    produced = {s["name"]: s for s in _stage_records(stages_json)["stages"]}
     evals = json.loads(evals_json)
     evaluated = {e["target"]: e for e in evals["evaluations"]}
     experiment = recipe["tracking"]["experiment"]
     parent = _open_parent(recipe)
-    baseline_run = tracking.start_child(parent, "baseline", {"evaluation": evals["baseline"]["config"]}, experiment)
-    tracking.log_metrics(baseline_run, evals["baseline"]["metrics"])
-    tracking.finish(baseline_run)
+
+    def evaluation_run(name: str, evaluation: dict[str, Any]) -> str | None:
+        """The nested run of an evaluation that is not a stage's (the baseline, an evaluate stage)."""
+        run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment)
+        tracking.log_metrics(run_id, evaluation["metrics"])
+        tracking.finish(run_id)
+        return run_id
+
+    baseline_run = evaluation_run("baseline", evals["baseline"])
     records = []
     for stage in recipe["stages"]:
         name, evaluation = stage["name"], evaluated.get(stage["name"])
         if stage["kind"] == "evaluate":
-            run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment)
-            tracking.log_metrics(run_id, evaluation["metrics"])
-            tracking.finish(run_id)
-            records.append({"name": name, "kind": "evaluate", "metrics": evaluation["metrics"], "run_id": run_id})
+            records.append({"name": name, "kind": "evaluate", "metrics": evaluation["metrics"], "run_id": evaluation_run(name, evaluation)})
             continue
         record = produced[name]
         run_id = tracking.attach(record["run_id"], parent, name)
@@ -376,9 +384,6 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
 
 def _log_named(run_id: str, path: str, name: str) -> None:
     """Log a file under a fixed name (KFP output paths end in the output's name)."""
-    import shutil
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / name
         shutil.copyfile(path, target)
