@@ -97,7 +97,7 @@ def open_store(uri: str, tuning: Tuning | None = None) -> Store:
     return LocalStore(uri, tuning)
 
 
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in chunks (never whole into memory)."""
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK)

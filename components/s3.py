@@ -246,10 +246,10 @@ class S3Store:
         leaves memory once sent and hashed: at most ``concurrency`` + 2 are held at once."""
         full, step = self._key(key), self.part_size(size)
         ranges = {n: (offset, min(step, size - offset)) for n, offset in enumerate(range(0, size, step), 1)}
-        upload_id, etags = self._resume(full, path, ranges)
+        upload_id, listed = self._resume(full, ranges)
         if upload_id is None:
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
-        stats.reused_parts += len(etags)
+        etags: dict[int, str] = {}
         digest = hashlib.sha256()
         hasher = ThreadPoolExecutor(1)  # one worker: updates apply in part order
         futures: dict[int, Future[str]] = {}
@@ -267,7 +267,9 @@ class S3Store:
                 except BaseException:
                     self.slots.release()
                     raise
-                if n in etags:  # already on the server: only hashed
+                if n in listed and hashlib.md5(data, usedforsecurity=False).hexdigest() == listed[n].strip('"'):
+                    etags[n] = listed[n]  # already on the server: only hashed
+                    stats.reused_parts += 1
                     hashed.add_done_callback(lambda _: self.slots.release())
                     continue
                 futures[n] = self.parts.submit(self._part, data, key, upload_id, n, failed, hashed)
@@ -321,9 +323,10 @@ class S3Store:
             return error_code(err) == "NoSuchUpload"
         return False
 
-    def _resume(self, full: str, path: Path, ranges: dict[int, tuple[int, int]]) -> tuple[str | None, dict[int, str]]:
-        """An unfinished multipart upload of this key: its parts whose MD5 matches the
-        local bytes are kept (the key holds the content hash, so the file is the same)."""
+    def _resume(self, full: str, ranges: dict[int, tuple[int, int]]) -> tuple[str | None, dict[int, str]]:
+        """An unfinished multipart upload of this key and the ETags of its parts of the
+        right size. The session key does not pin the content: ``_multipart`` keeps a part
+        only when the MD5 of the local bytes it reads anyway matches its ETag."""
         found = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full).get("Uploads", [])
         uploads = sorted((u for u in found if u["Key"] == full), key=lambda u: u["Initiated"])
         if not uploads:
@@ -332,18 +335,11 @@ class S3Store:
         for upload in stale:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload["UploadId"])
         upload_id = latest["UploadId"]
-        kept: dict[int, str] = {}
         pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=full, UploadId=upload_id)
-        with open(path, "rb") as f:
-            for part in (p for page in pages for p in page.get("Parts", [])):
-                n = part["PartNumber"]
-                if n not in ranges or part["Size"] != ranges[n][1]:
-                    continue
-                f.seek(ranges[n][0])
-                if hashlib.md5(f.read(ranges[n][1]), usedforsecurity=False).hexdigest() == part["ETag"].strip('"'):
-                    kept[n] = part["ETag"]
-        log.info("resuming the upload of s3://%s/%s: %d of %d parts already there", self.bucket, full, len(kept), len(ranges))
-        return upload_id, kept
+        listed = {p["PartNumber"]: p["ETag"] for page in pages for p in page.get("Parts", [])
+                  if p["PartNumber"] in ranges and p["Size"] == ranges[p["PartNumber"]][1]}
+        log.info("resuming the upload of s3://%s/%s: %d of %d parts there", self.bucket, full, len(listed), len(ranges))
+        return upload_id, listed
 
     # --- download ---------------------------------------------------------------
 
