@@ -2,7 +2,7 @@
 labels alone, what the teacher-logit cache saves, and QLoRA through bitsandbytes.
 
 Every training run is the stage's own worker in a fresh process (``python -m
-llmpress.components.stages.distill_launch SPEC``, what the step and torchrun run), so
+llmpress.components.stages.distill.launch SPEC``, what the step and torchrun run), so
 the DeepSpeed/accelerate state of one run never leaks into the next.
 
     python benchmarks/distill_bench.py --out DIR [--only zero2,zero3,cache,qlora]
@@ -41,7 +41,7 @@ def worker(out: Path, name: str, teacher: Path | None, config: dict, data: dict,
     (work / "spec.json").write_text(json.dumps(spec))
     start = time.time()
     with (out / f"{name}.log").open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "llmpress.components.stages.distill_launch", str(work / "spec.json")],
+        proc = subprocess.run([sys.executable, "-m", "llmpress.components.stages.distill.launch", str(work / "spec.json")],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode:
         print(f"{name}: FAILED (exit {proc.returncode}); tail of {out / f'{name}.log'}:")
@@ -88,7 +88,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     import torch
-    from llmpress.components.builtin_models import build_builtin
+    from llmpress.components.models.builtin import build_builtin
 
     teacher = build_builtin(TEACHER)
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}

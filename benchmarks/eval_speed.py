@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     import_llmpress()
     from llmpress.components.stages.evaluate import device_label, perplexity
-    from llmpress.components.stages.evaluate_speed import latency
+    from llmpress.components.stages.evaluate.speed import latency
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     seq_len = 64 if args.tiny else args.seq_len

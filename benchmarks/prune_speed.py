@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from llmpress.components.stages import prune_structured
+from llmpress.components.stages.prune import structured as prune_structured
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 SHAPES = {

@@ -12,11 +12,11 @@ import argparse
 import copy
 
 import torch
-from llmpress.components.builtin_models import build_builtin
 from llmpress.components.data import DataSpec, calibration_samples, load_texts, token_stream
-from llmpress.components.modelio import count_parameters, load_model
-from llmpress.components.stages import prune_structured
+from llmpress.components.models.builtin import build_builtin
+from llmpress.components.models.io import count_parameters, load_model
 from llmpress.components.stages.evaluate import perplexity
+from llmpress.components.stages.prune import structured as prune_structured
 
 
 def weight_scores(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components.data import DataSpec, calibration_samples, load_texts, token_stream
-from llmpress.components.modelio import ModelSpec, fetch_model, pick_device, weights_size_bytes
+from llmpress.components.models.io import ModelSpec, fetch_model, pick_device, weights_size_bytes
 from llmpress.components.stages import quantize
 from llmpress.components.stages.evaluate import perplexity
 

@@ -20,10 +20,10 @@ import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier
-from llmpress.components.builtin_models import build_builtin
 from llmpress.components.data import DataSpec, calibration_samples, load_texts, token_stream
-from llmpress.components.modelio import load_model
-from llmpress.components.sparsity import decoder_layers, linear_weights
+from llmpress.components.models.builtin import build_builtin
+from llmpress.components.models.io import load_model
+from llmpress.components.models.sparsity import decoder_layers, linear_weights
 from llmpress.components.stages import prune
 from llmpress.components.stages.evaluate import perplexity
 

@@ -1,3 +1,9 @@
-"""llmpress components: stage logic (``stages``), plumbing shared by stages, and the
-thin Kubeflow wrappers (``kubeflow``). Layers import only downward: stage logic never
-imports kfp, boto3 or mlflow."""
+"""llmpress components, in three layers that import only downward:
+
+- ``stages/<technique>/``: stage logic; no kfp, boto3 or mlflow, no other stage;
+- plumbing shared by stages: ``artifacts/`` (the local and S3 store), ``tracking/``
+  (MLflow, with its spool), ``report/``, ``models/`` (model I/O and weight facts),
+  ``data`` (calibration and evaluation text), ``errors``; no kfp;
+- ``kubeflow/``: the thin KFP components and the step functions they call.
+
+tests/test_layers.py enforces these rules."""

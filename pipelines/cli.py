@@ -129,7 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _sync(where: str) -> int:
     """``llmpress sync``: replay a spool into MLFLOW_TRACKING_URI (a local run folder's
     own mlflow.db when unset)."""
-    from llmpress.components import tracking, tracking_spool
+    from llmpress.components import tracking
+    from llmpress.components.tracking import spool as tracking_spool
 
     spool = where
     if not where.startswith("s3://") and (Path(where) / "tracking-spool").is_dir():

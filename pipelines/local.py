@@ -18,8 +18,8 @@ from typing import Any
 from llmpress.components import report
 from llmpress.components.data import DataSpec, check_source
 from llmpress.components.errors import UserError
-from llmpress.components.modelio import check_source as check_model_source
-from llmpress.components.steps import LOG_MARK
+from llmpress.components.kubeflow.steps import LOG_MARK
+from llmpress.components.models.io import check_source as check_model_source
 from llmpress.pipeline import build_pipeline
 from llmpress.recipe import Recipe
 

@@ -9,8 +9,9 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 from llmpress import __version__
 from llmpress.cluster import apply_cluster
-from llmpress.components import kubeflow, steps
 from llmpress.components.errors import UserError
+from llmpress.components.kubeflow import shells as kubeflow
+from llmpress.components.kubeflow import steps
 from llmpress.recipe import PRODUCES_MODEL, Recipe, Resources
 
 IMAGE_REPOSITORY = "ghcr.io/llmpress/llmpress"

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from llmpress.components.data import DataSpec
 from llmpress.components.errors import UserError, short
-from llmpress.components.modelio import ModelSpec
+from llmpress.components.models.io import ModelSpec
 from llmpress.components.stages.distill import DistillConfig
 from llmpress.components.stages.evaluate import EvaluateConfig
 from llmpress.components.stages.prune import PruneConfig

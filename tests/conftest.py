@@ -18,7 +18,7 @@ TINY = "builtin:pydoc-llama-tiny"
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The builtin tiny Llama (pretrained once, cached under $LLMPRESS_CACHE)."""
-    from llmpress.components.builtin_models import build_builtin
+    from llmpress.components.models.builtin import build_builtin
 
     return build_builtin("pydoc-llama-tiny")
 

@@ -63,7 +63,7 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
 
 def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_path, monkeypatch, capsys):
     from llmpress.cli import main
-    from llmpress.components import steps
+    from llmpress.components.kubeflow import steps
 
     # simulate a release in which only quantize and evaluate exist
     monkeypatch.setattr(steps, "BUILT_KINDS", ("quantize", "evaluate"))

@@ -49,7 +49,7 @@ def held_out_perplexity(model_dir: Path) -> float:
 
 def worker(spec: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "llmpress.components.stages.distill_launch", str(spec)],
+    return subprocess.Popen([sys.executable, "-m", "llmpress.components.stages.distill.launch", str(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -132,7 +132,7 @@ def test_training_from_the_teacher_cache_matches_the_online_teacher_without_load
 
 def test_derived_student_keeps_evenly_spaced_teacher_layers(tiny_model_dir):
     import torch
-    from llmpress.components.stages.distill_student import derive_student, kept_layers
+    from llmpress.components.stages.distill.student import derive_student, kept_layers
     from transformers import AutoModelForCausalLM
 
     assert kept_layers(32, 4) == [0, 10, 21, 31] and kept_layers(4, 1) == [3]
@@ -222,7 +222,7 @@ def test_multi_node_needs_a_shared_claim(write_recipe):
 def test_two_ranks_under_torchrun_follow_the_one_rank_loss_curve(tiny_model_dir, tmp_path):
     """resources.gpus: N runs N ranks; with the global batch fixed, the curve must not move
     (here on CPU through gloo; the GPU path is the same Trainer under NCCL)."""
-    from llmpress.components.stages.distill_launch import torchrun_command
+    from llmpress.components.stages.distill.launch import torchrun_command
 
     curves = {}
     for ranks, batch in ((1, 8), (2, 4)):
@@ -241,7 +241,8 @@ def test_the_pipeline_step_materializes_the_teacher_and_keeps_checkpoints_under_
     of every step in the stage's MLflow run, the work folder under storage.root, so
     running the step again resumes instead of retraining."""
     from conftest import TINY, tiny_recipe
-    from llmpress.components import steps, tracking
+    from llmpress.components import tracking
+    from llmpress.components.kubeflow import steps
     from llmpress.recipe import parse_recipe
     from mlflow.tracking import MlflowClient
 

@@ -14,7 +14,7 @@ import copy
 import json
 
 import pytest
-from llmpress.components.stages.distill_launch import CONTAINER, WORKER_MODULE, job_name, torchrun_command, trainjob_manifest
+from llmpress.components.stages.distill.launch import CONTAINER, WORKER_MODULE, job_name, torchrun_command, trainjob_manifest
 
 TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "value": None}
 

@@ -34,7 +34,7 @@ def hand_loss(alpha: float, t: float, reverse: bool = False) -> float:
 
 def torch_loss(alpha: float, t: float, **kw):
     import torch
-    from llmpress.components.stages.distill_loss import distill_loss
+    from llmpress.components.stages.distill.loss import distill_loss
 
     student = torch.tensor([STUDENT])
     teacher = torch.tensor([TEACHER])
@@ -56,7 +56,7 @@ def test_reverse_kl_matches_the_hand_computed_value():
 
 def test_alpha_zero_is_plain_next_token_cross_entropy():
     import torch
-    from llmpress.components.stages.distill_loss import distill_loss
+    from llmpress.components.stages.distill.loss import distill_loss
 
     logits = torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
@@ -68,7 +68,7 @@ def test_alpha_zero_is_plain_next_token_cross_entropy():
 
 def test_ignored_labels_are_left_out_of_both_terms():
     import torch
-    from llmpress.components.stages.distill_loss import distill_loss
+    from llmpress.components.stages.distill.loss import distill_loss
 
     student, teacher = torch.tensor([STUDENT]), torch.tensor([TEACHER])
     masked = torch.tensor([[7, 1, -100]])  # only position 0 is scored now
@@ -89,7 +89,7 @@ def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss():
 
 def test_top_k_renormalizes_the_teacher_over_its_k_tokens():
     import torch
-    from llmpress.components.stages.distill_loss import distill_loss
+    from llmpress.components.stages.distill.loss import distill_loss
 
     values, indices = torch.topk(torch.tensor([TEACHER]), 2, dim=-1)
     loss, parts = distill_loss(torch.tensor([STUDENT]), torch.tensor([LABELS]), 1.0, 1.0, teacher_topk=(values, indices))

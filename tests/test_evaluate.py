@@ -13,7 +13,7 @@ from conftest import tiny_recipe
 def tiny(tiny_model_dir):
     """The tiny model in float32 (the reference comparison is about the algorithm, not bf16 rounding)."""
     from llmpress.components.data import DataSpec, load_texts, token_stream
-    from llmpress.components.modelio import load_model
+    from llmpress.components.models.io import load_model
 
     model, tokenizer = load_model(tiny_model_dir, dtype="float32")
     stream = token_stream(load_texts(DataSpec(source="builtin:pydoc-eval")), tokenizer)[:461]  # not a multiple of any window
@@ -75,7 +75,7 @@ def test_max_windows_caps_the_scored_windows(tiny):
 
 def test_sparsity_counts_exact_zeros_in_linear_weights(tiny_model_dir):
     import torch
-    from llmpress.components.modelio import load_model
+    from llmpress.components.models.io import load_model
     from llmpress.components.stages.evaluate import sparsity
 
     model, _ = load_model(tiny_model_dir)
@@ -88,7 +88,7 @@ def test_sparsity_counts_exact_zeros_in_linear_weights(tiny_model_dir):
 
 
 def test_latency_figures_are_positive_and_name_their_shapes(tiny):
-    from llmpress.components.stages.evaluate_speed import latency
+    from llmpress.components.stages.evaluate.speed import latency
 
     model, _, _ = tiny
     figures = latency(model, batch_sizes=[1, 2], prompt_tokens=16, new_tokens=4, repeats=1, device="cpu")

@@ -17,7 +17,7 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from llmpress.components.modelio import load_model
+    from llmpress.components.models.io import load_model
 
     return load_model(tiny_model_dir, dtype="float32")
 
@@ -62,7 +62,7 @@ def plain_accuracy(model, tokenizer):
 
 
 def test_a_local_task_yaml_runs_offline_and_matches_plain_scoring(tiny, tmp_path, monkeypatch):
-    from llmpress.components.stages.evaluate_tasks import task_metrics
+    from llmpress.components.stages.evaluate.tasks import task_metrics
 
     model, tokenizer = tiny
     task = write_task(tmp_path / "tasks")
@@ -73,7 +73,7 @@ def test_a_local_task_yaml_runs_offline_and_matches_plain_scoring(tiny, tmp_path
 
 
 def test_the_builtin_task_runs_offline_with_a_limit(tiny):
-    from llmpress.components.stages.evaluate_tasks import task_metrics
+    from llmpress.components.stages.evaluate.tasks import task_metrics
 
     model, tokenizer = tiny
     figures = task_metrics(model, tokenizer, ["builtin:pydoc-cloze"], limit=12, num_fewshot=0, batch_size=8, device="cpu")
@@ -85,7 +85,7 @@ def test_the_builtin_task_runs_offline_with_a_limit(tiny):
 def test_the_builtin_task_data_is_what_its_builder_makes():
     import importlib.util
 
-    from llmpress.components.stages.evaluate_tasks import TASKS_DIR
+    from llmpress.components.stages.evaluate.tasks import TASKS_DIR
 
     spec = importlib.util.spec_from_file_location("build_pydoc_cloze", TASKS_DIR / "build_pydoc_cloze.py")
     builder = importlib.util.module_from_spec(spec)
@@ -106,7 +106,7 @@ def test_the_builtin_task_data_is_what_its_builder_makes():
 )
 def test_a_task_that_cannot_be_found_is_one_clear_line(tiny, spec, allowed):
     from llmpress.components.errors import UserError
-    from llmpress.components.stages.evaluate_tasks import task_metrics
+    from llmpress.components.stages.evaluate.tasks import task_metrics
 
     model, tokenizer = tiny
     with pytest.raises(UserError) as err:
@@ -117,7 +117,7 @@ def test_a_task_that_cannot_be_found_is_one_clear_line(tiny, spec, allowed):
 @pytest.mark.slow  # indexing the harness's 14,000 task configs takes ~15 s on 2 cores
 def test_an_unknown_harness_task_suggests_close_names(tiny):
     from llmpress.components.errors import UserError
-    from llmpress.components.stages.evaluate_tasks import task_metrics
+    from llmpress.components.stages.evaluate.tasks import task_metrics
 
     model, tokenizer = tiny
     with pytest.raises(UserError) as err:

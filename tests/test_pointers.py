@@ -1,5 +1,5 @@
 """KFP model artifacts as pointers when storage.root is on S3: the steps move the bytes
-themselves (components/steps.py: ModelOutput, model_input), against the test S3 server."""
+themselves (components/kubeflow/steps.py: ModelOutput, model_input), against the test S3 server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from llmpress.components import artifacts, steps
+from llmpress.components import artifacts
 from llmpress.components.errors import UserError
+from llmpress.components.kubeflow import steps
 
 
 def context(bucket: str) -> dict[str, str]:

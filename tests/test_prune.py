@@ -13,10 +13,11 @@ from conftest import tiny_recipe
 from llmpress.cli import main
 from llmpress.components.data import DataSpec, calibration_samples, load_texts
 from llmpress.components.errors import UserError
-from llmpress.components.modelio import load_model
-from llmpress.components.sparsity import decoder_layers, linear_weights, nm_violations
-from llmpress.components.stages import prune, prune_structured
+from llmpress.components.models.io import load_model
+from llmpress.components.models.sparsity import decoder_layers, linear_weights, nm_violations
+from llmpress.components.stages import prune
 from llmpress.components.stages.prune import PruneConfig
+from llmpress.components.stages.prune import structured as prune_structured
 
 CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
 

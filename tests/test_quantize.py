@@ -37,7 +37,7 @@ def held_out_perplexity(model_dir) -> float:
 
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir):
-    from llmpress.components.modelio import count_parameters, load_model
+    from llmpress.components.models.io import count_parameters, load_model
 
     model, _ = load_model(tiny_model_dir)
     return {"perplexity": held_out_perplexity(tiny_model_dir), "num_parameters": count_parameters(model)}

@@ -79,7 +79,7 @@ def test_write_report_makes_markdown_html_and_a_valid_png(results, tmp_path):
 
 
 def test_pareto_front_keeps_only_points_nothing_beats():
-    from llmpress.components.report_plot import pareto_front
+    from llmpress.components.report.plot import pareto_front
 
     points = [(7.0, 128.0), (2.7, 141.0), (7.0, 140.0), (3.0, 150.0), (1.0, 400.0)]
     assert pareto_front(points, higher_is_better=False) == [(1.0, 400.0), (2.7, 141.0), (7.0, 128.0)]

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 from conftest import run_cli
-from llmpress.components import tracking, tracking_spool
+from llmpress.components import tracking
+from llmpress.components.tracking import spool as tracking_spool
 from mlflow.tracking import MlflowClient
 
 

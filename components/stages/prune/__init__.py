@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
-from llmpress.components.measure import peak_memory, self_check
-from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
-from llmpress.components.sparsity import decoder_layers, layer_report, linear_weights
-from llmpress.components.stages import prune_structured
+from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.measure import peak_memory, self_check
+from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights
+from llmpress.components.stages.prune import structured as prune_structured
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 log = logging.getLogger(__name__)

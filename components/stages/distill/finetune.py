@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmpress.components.errors import UserError
-from llmpress.components.quant_grid import GroupSize
+from llmpress.components.models.quant_grid import GroupSize
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("llmpress")
@@ -72,7 +72,7 @@ def load_qlora(model_dir: str | Path, lora: LoraSpec, device: str, gradient_chec
 
 def save_qlora(model: Any, base_dir: str | Path, out_dir: str | Path, tokenizer: Any, lora: LoraSpec, dtype: Any) -> None:
     """Adapters to ``out_dir/adapter``; the dense model beside them, merged if asked."""
-    from llmpress.components.modelio import save_model
+    from llmpress.components.models.io import save_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

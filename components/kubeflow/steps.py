@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from llmpress.components import artifacts, distill_step, report, tracking
+from llmpress.components import artifacts, report, tracking
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
-from llmpress.components.modelio import ModelSpec, check_model_dir, fetch_model
+from llmpress.components.kubeflow import distill_step
+from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_model
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage

@@ -29,7 +29,7 @@ def self_check(model_dir: str | Path, device: str, max_new_tokens: int = 8) -> s
     """Reload with plain transformers and generate: a stage never reports success on a
     model that cannot be served."""
     import torch
-    from llmpress.components.modelio import load_model
+    from llmpress.components.models.io import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
     inputs = tokenizer("The", return_tensors="pt").to(device)

@@ -25,10 +25,13 @@ from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
-from llmpress.components.measure import peak_memory, self_check
-from llmpress.components.modelio import count_parameters, pick_device, save_model, weights_size_bytes
-from llmpress.components.stages import distill_data, distill_student, distill_train, finetune
-from llmpress.components.stages.finetune import LoraSpec, QatSpec
+from llmpress.components.models.io import count_parameters, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.measure import peak_memory, self_check
+from llmpress.components.stages.distill import data as distill_data
+from llmpress.components.stages.distill import finetune
+from llmpress.components.stages.distill import student as distill_student
+from llmpress.components.stages.distill import train as distill_train
+from llmpress.components.stages.distill.finetune import LoraSpec, QatSpec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("llmpress")
@@ -249,7 +252,7 @@ def _device(config: DistillConfig) -> str:
 
 def _teacher_meta(model_dir: str | Path) -> tuple[Any, Any]:
     """The teacher's tokenizer and config, without its weights."""
-    from llmpress.components.modelio import check_model_dir
+    from llmpress.components.models.io import check_model_dir
     from transformers import AutoConfig, AutoTokenizer
 
     path = check_model_dir(model_dir, field="teacher.source")

@@ -13,7 +13,7 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 def import_model(model_json: str, context_json: str, model: Output[Model]) -> None:
     """Fetch the model named by the recipe (with storage on S3: a pointer to it there)."""
-    from llmpress.components import steps
+    from llmpress.components.kubeflow import steps
 
     steps.import_model(model_json, context_json, model.path)
 
@@ -21,7 +21,7 @@ def import_model(model_json: str, context_json: str, model: Output[Model]) -> No
 def run_stage(model: Input[Model], stage_json: str, calibration_json: str, context_json: str, stages: str,
               model_out: Output[Model], metrics: Output[Metrics]) -> str:
     """Run one model-producing stage (distill, prune, quantize); returns the stages' records."""
-    from llmpress.components import steps
+    from llmpress.components.kubeflow import steps
 
     records, values = steps.run_stage(model.path, model_out.path, stage_json, calibration_json, context_json, stages)
     steps.publish_metrics(metrics, values)
@@ -30,7 +30,7 @@ def run_stage(model: Input[Model], stage_json: str, calibration_json: str, conte
 
 def evaluate(model: Input[Model], config_json: str, data_json: str, target: str, field: str, evals: str, metrics: Output[Metrics]) -> str:
     """Evaluate a model against the baseline; returns the evaluations' records."""
-    from llmpress.components import steps
+    from llmpress.components.kubeflow import steps
 
     records, values = steps.evaluate(model.path, config_json, data_json, target, field, evals)
     steps.publish_metrics(metrics, values)
@@ -39,7 +39,7 @@ def evaluate(model: Input[Model], config_json: str, data_json: str, target: str,
 
 def finish(stages: str, evals: str, recipe_json: str, results: Output[Artifact], report: Output[Markdown], report_html: Output[HTML]) -> None:
     """Write results.json and the report (Markdown and HTML); record the run in MLflow."""
-    from llmpress.components import steps
+    from llmpress.components.kubeflow import steps
 
     steps.finish(stages, evals, recipe_json, results.path, report.path, report_html.path)
 

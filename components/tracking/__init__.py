@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from llmpress.components import tracking_spool
+from llmpress.components.tracking import spool as tracking_spool
 
 log = logging.getLogger("llmpress.tracking")
 

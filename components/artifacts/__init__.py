@@ -91,7 +91,7 @@ def open_store(uri: str, tuning: Tuning | None = None) -> Store:
     """The backend for ``uri``: S3 for ``s3://``, a local folder otherwise."""
     tuning = tuning or Tuning()
     if is_s3(uri):
-        from llmpress.components.s3 import S3Store
+        from llmpress.components.artifacts.s3 import S3Store
 
         return S3Store(uri, tuning)
     return LocalStore(uri, tuning)

@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
-from llmpress.components.measure import peak_memory, self_check
-from llmpress.components.modelio import count_parameters, load_model, pick_device, save_model, weights_size_bytes
-from llmpress.components.quant_grid import GroupSize
-from llmpress.components.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
-from llmpress.components.stages import quantize_bnb, quantize_mixed
+from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.measure import peak_memory, self_check
+from llmpress.components.models.quant_grid import GroupSize
+from llmpress.components.models.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
+from llmpress.components.stages.quantize import bnb as quantize_bnb
+from llmpress.components.stages.quantize import mixed as quantize_mixed
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 log = logging.getLogger("llmpress.quantize")

@@ -35,7 +35,7 @@ def quantization_config(scheme: str, skip: list[str], compute_dtype: Any, int8_t
 def load_quantized(model_dir: str | Path, scheme: str, skip: list[str], device: str, int8_threshold: float = 6.0, double_quant: bool = True) -> tuple[Any, Any]:
     """(quantized model, tokenizer): the model at ``model_dir`` loaded through bitsandbytes."""
     import torch
-    from llmpress.components.modelio import check_model_dir
+    from llmpress.components.models.io import check_model_dir
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = check_model_dir(model_dir)

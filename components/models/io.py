@@ -62,7 +62,7 @@ def check_source(spec: ModelSpec, field: str = "model") -> None:
     if spec.kind() == "local":
         check_model_dir(spec.source, f"{field}.source")
     elif spec.kind() == "builtin":
-        from llmpress.components.builtin_models import check_builtin_name
+        from llmpress.components.models.builtin import check_builtin_name
 
         check_builtin_name(spec.source.removeprefix("builtin:"), f"{field}.source")
 
@@ -72,7 +72,7 @@ def fetch_model(spec: ModelSpec, dest: str | Path) -> Path:
     dest = Path(dest)
     kind = spec.kind()
     if kind == "builtin":
-        from llmpress.components.builtin_models import build_builtin
+        from llmpress.components.models.builtin import build_builtin
 
         src = build_builtin(spec.source.removeprefix("builtin:"))
     elif kind == "local":

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components.errors import UserError
-from llmpress.components.stages.distill_loss import distill_loss
+from llmpress.components.stages.distill.loss import distill_loss
 
 log = logging.getLogger("llmpress")
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "deepspeed"
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 StepCallback = Callable[[int, dict[str, float]], None]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-WORKER_MODULE = "llmpress.components.stages.distill_launch"
+WORKER_MODULE = "llmpress.components.stages.distill.launch"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
 CONTAINER = "node"  # that runtime's replicated job and container name
 
@@ -119,7 +119,7 @@ def job_name(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker: ``python -m llmpress.components.stages.distill_launch SPEC.json``."""
+    """Worker: ``python -m llmpress.components.stages.distill.launch SPEC.json``."""
     import logging
 
     from llmpress.components.data import DataSpec, load_texts

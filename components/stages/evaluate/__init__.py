@@ -26,9 +26,9 @@ from typing import Annotated, Any, Literal
 
 from llmpress.components.data import DataSpec, token_stream
 from llmpress.components.errors import UserError
-from llmpress.components.measure import peak_memory
-from llmpress.components.modelio import count_parameters, load_model, pick_device, weights_size_bytes
-from llmpress.components.stages import evaluate_speed
+from llmpress.components.models.io import count_parameters, load_model, pick_device, weights_size_bytes
+from llmpress.components.models.measure import peak_memory
+from llmpress.components.stages.evaluate import speed as evaluate_speed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Figures that describe the measurement rather than the model: no ratio for them.
@@ -100,7 +100,7 @@ def run(
         ppl, scored, windows = perplexity(model, stream, data.seq_len, stride, data.num_samples, config.batch_size, device)
         metrics.update(perplexity=ppl, eval_tokens=scored, eval_windows=windows, eval_seq_len=data.seq_len, eval_stride=stride)
         if config.tasks:
-            from llmpress.components.stages.evaluate_tasks import task_metrics
+            from llmpress.components.stages.evaluate.tasks import task_metrics
 
             metrics.update(task_metrics(model, tokenizer, config.tasks, config.task_limit, config.num_fewshot, config.batch_size, device, field))
         if config.sample_tokens:

@@ -1,4 +1,4 @@
-"""Rebuild pydoc_cloze.jsonl: `python components/evaltasks/build_pydoc_cloze.py`.
+"""Rebuild pydoc_cloze.jsonl: `python components/stages/evaluate/evaltasks/build_pydoc_cloze.py`.
 
 A four-way sentence-completion task (HellaSwag's shape) on the held-out tenth of
 CPython's documentation topics (``builtin:pydoc-eval``), so the builtin models are

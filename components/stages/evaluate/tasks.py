@@ -2,7 +2,7 @@
 
 A task is named three ways (``EvaluateConfig.tasks``):
 
-- ``builtin:pydoc-cloze``: ships with llmpress (``components/evaltasks/``), offline;
+- ``builtin:pydoc-cloze``: ships with llmpress (``components/stages/evaluate/evaltasks/``), offline;
 - a local task YAML (``….yaml``) in the harness's own format, offline when its data
   files are local: ``dataset_path: json`` with ``dataset_kwargs.data_files`` paths
   relative to the YAML's folder (s3:// files are fetched by the component layer first);
@@ -24,7 +24,7 @@ from typing import Any
 
 from llmpress.components.errors import UserError
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "evaltasks"
+TASKS_DIR = Path(__file__).resolve().parent / "evaltasks"
 BUILTIN_TASKS = {"pydoc-cloze": TASKS_DIR / "pydoc_cloze.yaml"}
 
 

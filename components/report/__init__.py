@@ -173,7 +173,8 @@ def write_report(results: dict[str, Any], folder: str | Path, earlier: list[dict
     """Write report.md (plot linked), report.html (plot inline) and the plot into ``folder``.
 
     ``earlier`` defaults to the earlier runs of the experiment found in MLflow."""
-    from llmpress.components import report_html, report_plot
+    from llmpress.components.report import html as report_html
+    from llmpress.components.report import plot as report_plot
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

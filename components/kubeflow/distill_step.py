@@ -25,9 +25,9 @@ from typing import Any
 from llmpress.components import artifacts, tracking
 from llmpress.components.data import DataSpec
 from llmpress.components.errors import UserError
-from llmpress.components.modelio import ModelSpec, check_model_dir, fetch_model
+from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_model
 from llmpress.components.stages import distill as distill_stage
-from llmpress.components.stages import distill_launch
+from llmpress.components.stages.distill import launch as distill_launch
 
 log = logging.getLogger("llmpress")
 
@@ -35,7 +35,7 @@ log = logging.getLogger("llmpress")
 def run(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
     """Run a distill stage; ``stage`` is its JSON plus ``teacher``, ``resources`` and the
     step's ``_context`` (tracking run, storage root, recipe)."""
-    from llmpress.components.steps import local_data  # steps imports this module
+    from llmpress.components.kubeflow.steps import local_data  # steps imports this module
 
     fields = {k: v for k, v in stage.items() if k in distill_stage.DistillConfig.model_fields}
     config = distill_stage.DistillConfig.model_validate(fields)
@@ -163,7 +163,7 @@ def _tail(progress: Path, seen: int, done: threading.Event, on_log: Any) -> None
 
 def _checkpoints_to(work: Path, on_checkpoint: Any) -> None:
     """The last checkpoint of a torchrun run, synced once at the end (ranks cannot call back)."""
-    from llmpress.components.stages.distill_train import last_checkpoint
+    from llmpress.components.stages.distill.train import last_checkpoint
 
     path, _ = last_checkpoint(work / "checkpoints")
     if path:
@@ -173,7 +173,7 @@ def _checkpoints_to(work: Path, on_checkpoint: Any) -> None:
 def _multi_node(stage: dict[str, Any], config: Any, data: DataSpec, model_in: str, model_out: str, work: Path, teacher_dir: Path | None,
                 student_dir: Path | None, resources: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """A TrainJob over the shared claim: inputs copied onto it, output copied back."""
-    from llmpress.components import trainjob
+    from llmpress.components.kubeflow import trainjob
 
     if student_dir == Path(model_in):  # the step's input lives in this pod only
         student_dir = work / "student"
