@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmpress.components.artifacts.validation import DATA, FORMAT, MAX_MANIFEST_BYTES, local_target, parse_manifest, plain_files, relative_path
 from llmpress.components.errors import UserError
 
 log = logging.getLogger("llmpress.artifacts")
 
 MANIFEST = "llmpress-manifest.json"
 PENDING = "llmpress-pending.json"  # names the data prefix of an upload not committed yet
-DATA = "llmpress-data"
-FORMAT = "llmpress-artifact/1"
 MB = 1024 * 1024
 HASH_CHUNK = 8 * MB
 
@@ -123,14 +122,19 @@ def tree_id(files: list[dict[str, Any]]) -> str:
 
 
 def read_manifest(store: Store) -> dict[str, Any] | None:
+    """The committed manifest, checked whole (validation.parse_manifest), or None."""
+    size = store.size(MANIFEST)
+    if size is None:
+        return None
+    where = store.describe(MANIFEST)
+    if size > MAX_MANIFEST_BYTES:  # refused before it is read: a huge object must not fill memory
+        raise UserError(f"{where}: not a valid llmpress manifest — {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
     raw = store.read_bytes(MANIFEST)
     if raw is None:
         return None
-    try:
-        manifest = json.loads(raw)
-        assert manifest["format"] == FORMAT and isinstance(manifest["files"], list)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{store.describe(MANIFEST)}: not an llmpress manifest — remove it or point at an llmpress artifact") from None
+    manifest = parse_manifest(raw, where)
+    if tree_id(manifest["files"]) != manifest["tree"]:
+        raise UserError(f"{where}: not a valid llmpress manifest — its tree {manifest['tree']} is not the hash of the files it lists; re-upload the artifact")
     return manifest
 
 
@@ -263,7 +267,8 @@ def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain
         if manifest is None:
             if not plain_ok:
                 raise UserError(f"{store.describe(MANIFEST)}: no committed artifact there (no manifest: nothing was uploaded, or the upload did not finish)")
-            files, base = [{"path": k, "size": s, "sha256": None} for k, s in store.list("") if not k.startswith((DATA + "/", MANIFEST))], ""
+            listed = plain_files(store.list(""), store.describe(""), skip=(DATA + "/", MANIFEST, PENDING))
+            files, base = [{"path": k, "size": s, "sha256": None} for k, s in listed], ""
             if not files:
                 raise UserError(f"{store.describe('')}: nothing there (no objects under this prefix)")
             log.info("%s has no llmpress manifest: downloading the prefix as it is (sizes checked, no checksums)", uri)
@@ -273,16 +278,23 @@ def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain
                 raise UserError(f"{store.describe(MANIFEST)}: holds version {manifest.get('tree')}, not the version {tree} this step was given "
                                 "(the artifact was overwritten since); rerun the step that produced it")
         stats = Stats(files=len(files), tree=(manifest or {}).get("tree", ""))
+        local_dir.mkdir(parents=True, exist_ok=True)
+        needed, free = sum(f["size"] for f in files), shutil.disk_usage(local_dir).free
+        if needed > free:  # also what stops a manifest that claims a petabyte
+            raise UserError(f"{store.describe(MANIFEST)}: {needed / MB:.0f} MB to download, more than the {free / MB:.0f} MB free in {local_dir}")
         log.info("downloading %d files, %.1f MB from %s", len(files), sum(f["size"] for f in files) / MB, uri)
 
+        targets = {f["path"]: local_target(local_dir, f["path"], store.describe(base + f["path"])) for f in files}  # all checked before any write
+
         def one(entry: dict[str, Any]) -> None:
-            target = local_dir / entry["path"]
+            target = targets[entry["path"]]
             if target.is_file() and target.stat().st_size == entry["size"] and entry["sha256"] and sha256_file(target) == entry["sha256"]:
                 stats.skipped_files += 1
                 stats.skipped_bytes += entry["size"]
                 return
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
+            local_target(local_dir, entry["path"], store.describe(base + entry["path"]))  # again: a folder made meanwhile may be a link
+            partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")  # per reader: two downloads into one folder never share it
             store.download(base + entry["path"], partial, entry["size"])
             if entry["sha256"] and sha256_file(partial) != entry["sha256"]:
                 partial.unlink()
@@ -329,23 +341,27 @@ class LocalStore:
     def describe(self, key: str) -> str:
         return str(self.root / key)
 
+    def _path(self, key: str) -> Path:
+        """A key as a path inside the store's folder (keys may come from a spool record)."""
+        return self.root / relative_path(key, self.describe(key)) if key else self.root
+
     def read_bytes(self, key: str) -> bytes | None:
-        path = self.root / key
+        path = self._path(key)
         return path.read_bytes() if path.is_file() else None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self.root / key
+        path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic on one filesystem: the commit
 
     def size(self, key: str) -> int | None:
-        path = self.root / key
+        path = self._path(key)
         return path.stat().st_size if path.is_file() else None
 
     def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]:
-        target = self.root / key
+        target = self._path(key)
         if target.is_file() and target.stat().st_size == size:  # an interrupted run's file
             digest = sha256_file(path)
             if sha256_file(target) == digest:
@@ -368,7 +384,7 @@ class LocalStore:
         pass  # a half-copied file is a temporary name under its version's prefix, already deleted
 
     def download(self, key: str, path: Path, size: int) -> None:
-        source = self.root / key
+        source = self._path(key)
         if not source.is_file():
             raise UserError(f"{source}: missing although the manifest lists it; re-upload the artifact")
         self._copy(source, path)
@@ -382,14 +398,14 @@ class LocalStore:
             self.tuning.progress(target.stat().st_size)
 
     def list(self, prefix: str) -> list[tuple[str, int]]:
-        base = self.root / prefix
+        base = self._path(prefix.rstrip("/"))
         if not base.exists():
             return []
         return [(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in sorted(base.rglob("*")) if p.is_file()]
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
-            (self.root / key).unlink(missing_ok=True)
+            self._path(key).unlink(missing_ok=True)
 
     def close(self) -> None:
         pass

@@ -44,6 +44,7 @@ PERMANENT = {
     "InvalidAccessKeyId": "the endpoint does not know this access key; check AWS_ACCESS_KEY_ID (its Secret)",
     "SignatureDoesNotMatch": "the endpoint rejects the secret key; check AWS_SECRET_ACCESS_KEY (its Secret)",
     "InvalidBucketName": "not a valid bucket name",
+    "InvalidRange": "the object is shorter than its manifest says; re-upload the artifact",
     "NoSuchKey": "no such object",
     "404": "no such object",
 }
@@ -350,20 +351,21 @@ class S3Store:
         fd = os.open(path, os.O_WRONLY)
         try:
             if size <= step:
-                self._call(key, lambda: self._range(fd, key, 0, size, whole=True))
+                self._call(key, lambda: self._range(fd, key, 0, size, size, whole=True))
             else:
-                futures = [self.parts.submit(self._call, f"{key} (bytes {o}-)", lambda o=o: self._range(fd, key, o, min(step, size - o)))
+                futures = [self.parts.submit(self._call, f"{key} (bytes {o}-)", lambda o=o: self._range(fd, key, o, min(step, size - o), size))
                            for o in range(0, size, step)]
                 for future in futures:
                     future.result()
         finally:
             os.close(fd)
 
-    def _range(self, fd: int, key: str, offset: int, length: int, whole: bool = False) -> None:
+    def _range(self, fd: int, key: str, offset: int, length: int, size: int, whole: bool = False) -> None:
         extra = {} if whole else {"Range": f"bytes={offset}-{offset + length - 1}"}
         response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
-        if whole and response["ContentLength"] != length:
-            raise UserError(f"{self.describe(key)}: {response['ContentLength']} bytes where {length} were expected — the object changed; re-upload it")
+        total = response["ContentLength"] if whole else int(str(response.get("ContentRange", "/-1")).rpartition("/")[2] or -1)
+        if total != size:  # a manifest (or a listing) that lies about the size is refused, never written past
+            raise UserError(f"{self.describe(key)}: {total} bytes where {size} were expected — the object changed; re-upload it")
         body, position = response["Body"], offset
         for chunk in body.iter_chunks(STREAM_CHUNK):
             os.pwrite(fd, chunk, position)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 from llmpress.components import artifacts, report, tracking
+from llmpress.components.artifacts.validation import TREE
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
 from llmpress.components.kubeflow import distill_step
@@ -115,7 +116,7 @@ def model_input(model_dir: str) -> Iterator[str]:
     if not pointer.is_file():
         yield model_dir
         return
-    ref = json.loads(pointer.read_text())
+    ref = read_pointer(pointer)
     local = _scratch("llmpress-in-")
     try:
         artifacts.get_dir(ref["uri"], local, plain_ok=ref.get("plain", False), tree=ref.get("tree") or None)
@@ -150,6 +151,27 @@ class ModelOutput:
     def discard(self) -> None:
         if self.uri is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_pointer(path: Path) -> dict[str, Any]:
+    """A pointer file, checked: a step's input artifact is written by the step before it,
+    but it travels through KFP's store, so it is read like anything else from outside."""
+    try:
+        ref = json.loads(path.read_bytes()[: 1 << 20])
+    except (ValueError, RecursionError):
+        ref = None
+    problem = None
+    if not isinstance(ref, dict) or ref.get("format") != POINTER_FORMAT:
+        problem = f"format must be {POINTER_FORMAT!r}"
+    elif not isinstance(ref.get("uri"), str) or not artifacts.is_s3(ref["uri"]):
+        problem = "uri must be an s3:// URI"
+    elif not isinstance(ref.get("tree"), str) or not (ref["tree"] == "" or TREE.fullmatch(ref["tree"])):
+        problem = "tree must be 16 hex digits"
+    elif not isinstance(ref.get("plain", False), bool):
+        problem = "plain must be true or false"
+    if problem:
+        raise UserError(f"{path}: not an llmpress model pointer — {problem}")
+    return ref
 
 
 def write_pointer(kfp_dir: str, uri: str, tree: str, size: int, plain: bool = False) -> None:

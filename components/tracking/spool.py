@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components import artifacts
+from llmpress.components.artifacts.validation import local_target
+from llmpress.components.errors import UserError
 
 RECORDS = "records/"
 BLOBS = "blobs/"
@@ -57,7 +59,17 @@ def read_ids(spool: str) -> dict[str, str]:
         raw = store.read_bytes(IDS)
     finally:
         store.close()
-    return json.loads(raw) if raw else {}
+    return _ids(raw, spool)
+
+
+def _ids(raw: bytes | None, where: str) -> dict[str, str]:
+    try:
+        ids = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        ids = None
+    if not isinstance(ids, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+        raise UserError(f"{where}: not an llmpress spool id map (placeholder -> run id); remove it to replay")
+    return ids
 
 
 def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> int:
@@ -66,12 +78,12 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
     store = artifacts.open_store(spool)
     applied = 0
     try:
-        ids = json.loads(store.read_bytes(IDS) or b"{}")
+        ids = _ids(store.read_bytes(IDS), store.describe(IDS))
         for key, _ in sorted(store.list(RECORDS)):
             raw = store.read_bytes(key)
             if raw is None:  # replayed meanwhile by another process
                 continue
-            record = json.loads(raw)
+            record = _checked(raw, store.describe(key))
             resolved = dict(record)
             for field in ("parent", "source"):
                 if record.get(field):
@@ -81,7 +93,7 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
             with tempfile.TemporaryDirectory() as tmp:
                 blob = None
                 if record.get("blob"):
-                    blob = Path(tmp) / record["name"]
+                    blob = local_target(Path(tmp), record["name"], store.describe(key))
                     blob.write_bytes(store.read_bytes(record["blob"]) or b"")
                 result = apply(resolved, blob)
             if record["op"] in CREATES:
@@ -92,3 +104,19 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
     finally:
         store.close()
     return applied
+
+
+def _checked(raw: bytes, where: str) -> dict[str, Any]:
+    """A spooled record as written by ``write``, or one line: the spool may sit on a
+    bucket others can write, and replay runs with the step's MLflow credentials."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("op"), str) or not isinstance(record.get("id"), str):
+        raise UserError(f"{where}: not an llmpress spool record; remove it to replay the rest")
+    if "blob" in record:
+        name = record.get("name")
+        if not isinstance(name, str) or "/" in name or record["blob"] != f"{BLOBS}{record['id']}/{name}":
+            raise UserError(f"{where}: its file {record.get('blob')!r} is not {BLOBS}<record id>/<file name>; refusing to replay it")
+    return record
