@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from kfp import kubernetes
+from llmpress import untrusted_yaml
 from llmpress.components.errors import UserError
 
 KFP_CRD_API = "pipelines.kubeflow.org/v2beta1"
@@ -56,10 +57,7 @@ def load_defaults(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError.field("--defaults", str(path), "file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise UserError.field("--defaults", str(path), "not valid YAML") from None
+    data = untrusted_yaml.load(path, "--defaults") or {}
     if not isinstance(data, dict) or set(data) - {"cluster", "resources", "image", "storage"}:
         raise UserError.field("--defaults", str(path), "a mapping with keys cluster, resources, storage, image")
     unknown = set(data.get("resources") or {}) - set(DEFAULT_KINDS)
@@ -154,5 +152,5 @@ def load_recipe_with_defaults(path: str | Path, defaults_path: str | Path | None
     recipe = load_recipe(path)  # the file's own problems first, phrased as always
     if defaults_path is None:
         return recipe
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    raw = untrusted_yaml.load(Path(path), "recipe")
     return parse_recipe(with_defaults(raw, load_defaults(defaults_path)), base_dir=Path(path).parent)

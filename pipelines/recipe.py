@@ -7,12 +7,13 @@ line per problem: ``field: value — what is allowed``.
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
+from llmpress import untrusted_yaml
 from llmpress.components.data import DataSpec
 from llmpress.components.errors import UserError, short
 from llmpress.components.models.io import ModelSpec
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|K|M|G|T)?$"
 K8S_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+MAX_PROBLEMS = 20
 
 
 class Strict(BaseModel):
@@ -192,15 +194,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError.field("recipe", str(path), "file not found" if not path.exists() else "not a file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise UserError(f"recipe: {str(path)!r} — not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise UserError.field("recipe", str(path), "not a UTF-8 text file") from None
+    data = untrusted_yaml.load(path, "recipe")  # bounded: size, depth, no aliases, no duplicate keys
     return parse_recipe(data, base_dir=path.parent)
 
 
@@ -211,9 +205,13 @@ def parse_recipe(data: Any, base_dir: Path | None = None) -> Recipe:
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)
     try:
-        return Recipe.model_validate(data)
+        # strict: `gpus: true` or `bits: "4"` is a mistake to report, not a value to convert
+        return Recipe.model_validate(data, strict=True)
     except ValidationError as err:
-        raise UserError(*_format(err)) from None
+        lines = _format(err)
+        if len(lines) > MAX_PROBLEMS:  # a hostile file with 10,000 unknown keys still gets a readable answer
+            lines = [*lines[:MAX_PROBLEMS], f"recipe: ... and {len(lines) - MAX_PROBLEMS} more problems"]
+        raise UserError(*lines) from None
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -267,7 +265,10 @@ def _format(err: ValidationError) -> list[str]:
 def _path(loc: list[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", part):
+            out += f"[{short(part, 40)}]"  # a key from the file is quoted: a newline in it must not break the line
+        else:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "recipe"
 
 

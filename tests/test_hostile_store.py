@@ -11,6 +11,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llmpress.components import artifacts
 from llmpress.components.artifacts import MANIFEST, Tuning
 from llmpress.components.errors import UserError
@@ -267,3 +269,41 @@ def test_a_forged_pointer_is_one_line(tmp_path, pointer):
     (line,) = err.value.problems
     assert line.startswith(f"{tmp_path / steps.POINTER}: not an llmpress model pointer")
 
+
+
+# --- property: any manifest is read whole or refused, and nothing lands outside -----
+
+JSON_LEAVES = st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=12) | st.sampled_from(
+    ["../x", "/abs", "a/../../b", "sub/f", "f", "", "a//b", "C:/x", "x\\..\\y", "0" * 64, "f" * 64, "llmpress-data/0123456789abcdef/"])
+ENTRY = st.fixed_dictionaries({"path": JSON_LEAVES, "size": JSON_LEAVES, "sha256": JSON_LEAVES}, optional={"x": JSON_LEAVES})
+MANIFESTS = st.fixed_dictionaries(
+    {"format": st.sampled_from(["llmpress-artifact/1", "other"]) | JSON_LEAVES, "data": JSON_LEAVES, "files": st.lists(ENTRY, max_size=4) | JSON_LEAVES},
+    optional={"tree": JSON_LEAVES, "created": JSON_LEAVES})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(manifest=MANIFESTS, fix_tree=st.booleans(), raw=st.none() | st.binary(max_size=64))
+def test_any_manifest_is_read_whole_or_refused_and_nothing_lands_outside(tmp_path, manifest, fix_tree, raw):
+    case = tmp_path / uuid.uuid4().hex
+    store, target = case / "store", case / "inside" / "dst"
+    if fix_tree and isinstance(manifest.get("files"), list):
+        try:
+            manifest["tree"] = artifacts.tree_id(manifest["files"])  # so that the checks after the tree's are reached too
+        except (TypeError, ValueError):
+            pass
+    for entry in manifest["files"] if isinstance(manifest["files"], list) else []:
+        if isinstance(entry.get("path"), str) and isinstance(manifest.get("data"), str) and isinstance(entry.get("size"), int) and 0 <= entry["size"] < 100:
+            key = f"{manifest['data']}{entry['path']}"
+            if key.startswith("/") or ".." in key or "\\" in key:
+                continue  # the test itself writes only inside the store
+            try:
+                write_key(str(store), key, b"x" * entry["size"])
+            except (OSError, ValueError):
+                pass  # a path the local disk cannot hold: the reader must still refuse it
+    write_key(str(store), MANIFEST, raw if raw is not None else json.dumps(manifest).encode())
+    try:
+        artifacts.get_dir(str(store), target, Tuning(concurrency=1))
+    except UserError as err:
+        assert err.problems and all("\n" not in p for p in err.problems)
+    outside = [p for p in everything_under(case) if not p.startswith(("store", "inside/dst")) and p != "inside"]
+    assert outside == []
