@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from llmpress import __version__, submit
 from llmpress.components.errors import UserError
+from llmpress.components.tracking.redaction import redacted
 
 EXIT_USER = 2
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as err:
         for line in err.problems:
-            print(f"llmpress: error: {line}", file=sys.stderr)
+            print(f"llmpress: error: {redacted(line)}", file=sys.stderr)
         return EXIT_USER
 
 
@@ -148,7 +149,7 @@ def _sync(where: str) -> int:
         print(f"llmpress: error: replayed {waiting - tracking_spool.pending(spool)} of {waiting} records; "
               f"MLflow failed ({type(err).__name__}: {str(err)[:160]}); run sync again", file=sys.stderr)
         return 1
-    print(f"replayed {applied} records from {spool} into {os.environ['MLFLOW_TRACKING_URI']}")
+    print(f"replayed {applied} records from {spool} into {redacted(os.environ['MLFLOW_TRACKING_URI'])}")
     return 0
 
 

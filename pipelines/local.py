@@ -20,6 +20,7 @@ from llmpress.components.data import DataSpec, check_source
 from llmpress.components.errors import UserError
 from llmpress.components.kubeflow.steps import LOG_MARK
 from llmpress.components.models.io import check_source as check_model_source
+from llmpress.components.tracking.redaction import redacted
 from llmpress.pipeline import build_pipeline
 from llmpress.recipe import Recipe
 
@@ -47,6 +48,8 @@ class _ProgressFilter(io.TextIOBase):
         self.saw_user_error = False
 
     def write(self, text: str) -> int:
+        written = len(text)
+        text = redacted(text)  # a URI with credentials (MLFLOW_TRACKING_URI) reaches neither the log nor the terminal
         self.log_file.write(text)
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
@@ -55,7 +58,7 @@ class _ProgressFilter(io.TextIOBase):
             if shown is not None:
                 self.terminal.write(shown + "\n")
         self.terminal.flush()
-        return len(text)
+        return written
 
     def _shown(self, line: str) -> str | None:
         if self.verbose:

@@ -36,6 +36,7 @@ from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_mode
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage
+from llmpress.components.tracking.redaction import redacted
 
 log = logging.getLogger("llmpress")
 LOG_MARK = "llmpress| "
@@ -52,7 +53,7 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError as err:
             for line in err.problems:
-                print(f"llmpress: error: {line}", flush=True)
+                print(f"llmpress: error: {redacted(line)}", flush=True)
             sys.exit(2)
 
     wrapper.__name__ = fn.__name__
@@ -64,12 +65,19 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _RedactingFormatter(logging.Formatter):
+    """A pod's log is read by many: no credentials in a URI reach it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redacted(super().format(record))
+
+
 def _log_to_stdout() -> None:
     """llmpress's own progress lines, marked so that the local runner can show just them."""
     root = logging.getLogger("llmpress")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(f"{LOG_MARK}%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(_RedactingFormatter(f"{LOG_MARK}%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False

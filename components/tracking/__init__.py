@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components.tracking import spool as tracking_spool
+from llmpress.components.tracking.redaction import redacted
 
 log = logging.getLogger("llmpress.tracking")
 
@@ -45,6 +47,7 @@ def _client() -> Any:
     # per call when the server is down; the spool makes waiting pointless
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at <URI>" would print credentials in it
     return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
@@ -107,7 +110,7 @@ def _resolve(run_id: str | None) -> str | None:
 def _go_offline(err: BaseException) -> None:
     if not _state["offline"]:
         log.warning("MLflow at %s cannot be reached (%s); records go to %s and `llmpress sync %s` replays them",
-                    os.environ.get("MLFLOW_TRACKING_URI"), type(err).__name__, spool_location(), spool_location())
+                    redacted(os.environ.get("MLFLOW_TRACKING_URI", "")), type(err).__name__, spool_location(), spool_location())
     _state["offline"] = True
 
 
@@ -190,6 +193,8 @@ def _attach(client: Any, record: dict[str, Any]) -> str:
 
 def _made_by(client: Any, experiment_id: str, placeholder: str) -> str | None:
     """The run an earlier replay of the same spooled record created, if any."""
+    if not re.fullmatch(rf"{PLACEHOLDER}[0-9a-f]{{32}}", placeholder):
+        raise ValueError(f"spool placeholder {placeholder!r} is not {PLACEHOLDER}<32 hex digits>")
     same = client.search_runs([experiment_id], filter_string=f"tags.`llmpress.spool_id` = '{placeholder}'")
     return same[0].info.run_id if same else None
 
@@ -208,7 +213,10 @@ def _register(client: Any, record: dict[str, Any]) -> None:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     spool_id = record["id"]
-    if any(v.tags.get("llmpress.spool_id") == spool_id for v in client.search_model_versions(f"name = '{record['name']}'")):
+    if not re.fullmatch(r"[0-9a-f]{32}", spool_id):  # it goes into a filter string; a spool is read from outside
+        raise ValueError(f"spool record id {spool_id!r} is not 32 hex digits")
+    # looked up by our own id only: a name is never put into a filter ("it's" would break it)
+    if any(v.name == record["name"] for v in client.search_model_versions(f"tags.`llmpress.spool_id` = '{spool_id}'")):
         return  # replayed twice: one version only
     client.create_model_version(record["name"], record["source"], run_id=record["run"], tags={**record["tags"], "llmpress.spool_id": spool_id})
 
