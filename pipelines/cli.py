@@ -90,6 +90,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(args.recipe)
     if args.command == "validate":
+        from llmpress.local import preflight
+
+        preflight(recipe)  # local model and data paths, builtins: what `run` would refuse
         print("ok")
         return 0
     if args.command == "compile":

@@ -45,6 +45,13 @@ def test_results_json_has_baseline_and_stage_metrics(finished_run):
     assert (out / "report.md").read_text().count("| gptq | quantize |") == 1
 
 
+def test_default_group_size_auto_is_resolved_and_reported(finished_run):
+    out, result = finished_run
+    (stage,) = json.loads((out / "results.json").read_text())["stages"]
+    assert stage["metrics"]["group_size"] == 128  # 128 divides every quantized layer of the tiny Llama (128 and 384 wide)
+    assert "group_size auto -> 128" in (out / "run.log").read_text()
+
+
 def test_mlflow_holds_parent_and_nested_stage_runs(finished_run):
     from mlflow.tracking import MlflowClient
 

@@ -155,6 +155,43 @@ def test_too_little_calibration_data_is_one_clear_line(tiny_model_dir, tmp_path)
     assert err.value.problems[0].startswith("data.calibration.seq_len: 64 — the data holds only")
 
 
+def test_group_size_that_does_not_divide_a_layer_is_one_line_before_calibration(tiny_model_dir, tmp_path):
+    # with too little calibration text for the windows asked, only a check made before
+    # calibration can be the error the user sees
+    small = tmp_path / "tiny.txt"
+    small.write_text("Only a few words of calibration text.")
+    data = DataSpec(source=str(small), num_samples=4, seq_len=64)
+    with pytest.raises(UserError) as err:
+        quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="awq-w4a16", group_size=256, device="cpu"), data, load_texts(data))
+    (line,) = err.value.problems
+    assert line.startswith("group_size: 256 — does not divide the input width of ")
+    assert "12 layers 128 wide (model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, ...)" in line
+    assert "2 layers 384 wide (model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj)" in line
+    assert line.endswith("sizes that fit every quantized layer: 128, 64, 32, -1, or auto")
+    assert not (tmp_path / "out").exists()
+
+
+SMOLLM2_WIDTHS = {f"model.layers.{i}.{name}": (1536 if name == "mlp.down_proj" else 576) for i in range(30) for name in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_group_size_auto_takes_the_largest_size_that_divides_every_layer():
+    from llmpress.components.models.quant_grid import resolve_group_size
+
+    assert resolve_group_size("auto", SMOLLM2_WIDTHS) == 64  # 576 = 9 x 64
+    assert resolve_group_size("auto", {"a": 4096, "b": 11008}) == 128  # Llama-2-7B: the published size
+    assert resolve_group_size("auto", {"a": 100}) == -1  # nothing divides: one scale per output channel
+
+
+def test_group_size_128_on_smollm2_shapes_names_the_misfits_and_what_fits():
+    from llmpress.components.models.quant_grid import resolve_group_size
+
+    with pytest.raises(UserError) as err:
+        resolve_group_size(128, SMOLLM2_WIDTHS)
+    assert err.value.problems == ["group_size: 128 — does not divide the input width of 180 layers 576 wide (model.layers.0.self_attn.q_proj, "
+                                  "model.layers.0.self_attn.k_proj, ...); sizes that fit every quantized layer: 64, 32, -1, or auto"]
+
+
 def test_cuda_device_without_a_gpu_is_one_clear_line(tiny_model_dir, tmp_path):
     import torch
 
@@ -180,6 +217,8 @@ BAD_SETTINGS = {  # noqa: E501 (one case a line reads best) case: (stage fields,
     "zero-budget": (stage(scheme="nf4", auto_ignore={"budget": 0}), "stages[0].auto_ignore.budget: 0 — Input should be greater than 0"),
     "budget-missing": (stage(scheme="nf4", auto_ignore={}), "stages[0].auto_ignore.budget: missing — required"),
     "unknown-scheme": (stage(scheme="int4"), "stages[0].scheme: 'int4' — Input should be"),
+    "group-size-word": (stage(scheme="gptq-w4a16", group_size="big"), "stages[0].group_size: 'big' — allowed: 32, 64, 128, 256, or -1 (per output channel), or 'auto'"),  # noqa: E501
+    "group-size-auto-for-fp8": (stage(scheme="fp8", group_size=64), "stages[0].group_size: 64 — applies to scheme gptq-w4a16, awq-w4a16 only"),
 }
 
 

