@@ -239,20 +239,23 @@ def _kfp_tags() -> dict[str, str]:
 StageRunner = Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]
 
 
-def _calibrated(config_type: Any, run: Callable[..., dict[str, Any]]) -> StageRunner:
-    """A runner for a stage that takes its config and calibration text (quantize, prune)."""
+def _calibrated(config_type: Any, run: Callable[..., dict[str, Any]], resumable: bool = False) -> StageRunner:
+    """A runner for a stage that takes its config and calibration text (quantize, prune).
+    A resumable one gets the step's key, which names its input by content (a pointer's
+    tree hash), so a retried step finds what its failed try persisted."""
 
     def runner(model_in: str, model_out: str, stage: dict[str, Any], calibration: DataSpec) -> dict[str, Any]:
         config = config_type.model_validate(_config_fields(stage, config_type))
         data = local_data(config.calibration or calibration, "data.calibration")
-        return run(model_in, model_out, config, data, load_texts(data, "data.calibration"))
+        resume = {"resume_key": stage["_context"]["recipe"]["hash"]} if resumable and "_context" in stage else {}
+        return run(model_in, model_out, config, data, load_texts(data, "data.calibration"), **resume)
 
     return runner
 
 
 STAGE_RUNNERS: dict[str, StageRunner] = {
     "distill": distill_step.run,
-    "quantize": _calibrated(quantize_stage.QuantizeConfig, quantize_stage.run),
+    "quantize": _calibrated(quantize_stage.QuantizeConfig, quantize_stage.run, resumable=True),
     "prune": _calibrated(prune_stage.PruneConfig, prune_stage.run),
 }
 BUILT_KINDS = ("quantize", "evaluate", "prune", "distill")
