@@ -28,6 +28,7 @@ from llmpress.components.stages.evaluate import perplexity
 
 # What an llm-compressor user writes for each scheme (the library's own presets).
 DIRECT_SCHEMES = {"gptq-w4a16": "W4A16", "awq-w4a16": "W4A16_ASYM"}
+DATA_FREE = ("fp8",)
 
 
 def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: DataSpec, texts: list[str]) -> float:
@@ -35,20 +36,27 @@ def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: Dat
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform import AWQModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = calibration_samples(calibration, tokenizer, texts)  # the same windows llmpress takes
-    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
     if scheme == "awq-w4a16":
         recipe: Any = [AWQModifier(), QuantizationModifier(targets="Linear", scheme=DIRECT_SCHEMES[scheme], ignore=["lm_head"])]
+    elif scheme == "fp8":
+        recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+    elif scheme == "w8a8":
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     else:
         recipe = GPTQModifier(targets="Linear", scheme=DIRECT_SCHEMES[scheme], ignore=["lm_head"])
-    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calibration.seq_len,
-            num_calibration_samples=len(samples), shuffle_calibration_samples=False)
+    if scheme in DATA_FREE:
+        oneshot(model=model, recipe=recipe)
+    else:
+        samples = calibration_samples(calibration, tokenizer, texts)  # the same windows llmpress takes
+        dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+        oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calibration.seq_len,
+                num_calibration_samples=len(samples), shuffle_calibration_samples=False)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     return time.time() - start
