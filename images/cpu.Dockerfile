@@ -1,23 +1,31 @@
 # The slim CPU image: import, report, CPU evaluation, and the chart's Jobs (register
 # and submit). CPU-only torch keeps it a fraction of the CUDA image's size.
-# Build from the repository root: make -C images build-cpu (or see images/Makefile).
+# Build from the repository root: images/build.sh cpu (docker or buildah; see images/Makefile).
+# PYTHON: any Debian-based image with `python` >= 3.11 and its venv module; the public
+# default for clusters, a local base where registries cannot be pulled (images/build.sh --local-base).
 ARG PYTHON=python:3.11.14-slim-bookworm
 
 # --- build: a virtualenv with llmpress and the CPU compression stack ---
 FROM ${PYTHON} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Where pip finds the CPU torch wheel that images/cpu-lock.txt pins by hash: the PyTorch
+# CPU index, or (PIP_FIND_LINKS) a folder holding that same file.
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=
 RUN python -m venv /opt/llmpress
 ENV PATH=/opt/llmpress/bin:$PATH
 WORKDIR /src
-COPY images/constraints.txt /src/images/constraints.txt
+# Every package comes from the hash-pinned locks (images/lock.sh): first the build backend,
+# then the rest without build isolation, so that no sdist's build pulls an unhashed package.
+COPY images/cpu-build-lock.txt images/cpu-lock.txt /src/images/
+RUN pip install --require-hashes -r images/cpu-build-lock.txt \
+ && pip install --require-hashes --no-build-isolation -r images/cpu-lock.txt
 COPY pyproject.toml README.md /src/
 COPY pipelines /src/pipelines
 COPY components /src/components
-# torch's CPU build comes from the PyTorch index; everything else from PyPI, pinned.
-# psycopg2: the chart's MLflow server runs in this image, with a PostgreSQL store.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu \
- && pip install -c images/constraints.txt ".[compress]" psycopg2-binary \
- && python -c "import llmpress, torch, transformers, llmcompressor, kfp"
+RUN pip install --no-deps --no-build-isolation /src \
+ && pip check \
+ && python -c "import llmpress, torch, transformers, llmcompressor, kfp, psycopg2"
 
 # --- runtime: the virtualenv on the slim base, as a non-root user ---
 FROM ${PYTHON}
