@@ -36,7 +36,10 @@ TOKEN = "kfp-token-for-the-jobs"
 
 @pytest.fixture(scope="module")
 def cpu_image() -> str:
-    """The image built by images/build.sh (buildah's layer cache makes a rebuild quick)."""
+    """The image built by images/build.sh (buildah's layer cache makes a rebuild quick), or
+    $LLMPRESS_CPU_IMAGE: an image built before (its build is then not part of the test)."""
+    if os.environ.get("LLMPRESS_CPU_IMAGE"):
+        return os.environ["LLMPRESS_CPU_IMAGE"]
     if os.geteuid() != 0 or not shutil.which("buildah") or not shutil.which("debootstrap"):
         pytest.skip("needs root, buildah and debootstrap: apt-get install -y buildah debootstrap")
     from llmpress import __version__
@@ -112,8 +115,9 @@ def test_the_charts_register_and_submit_jobs_run_in_the_image(cpu_image, helm, t
     (token / "token").write_text(TOKEN)
     kfp = FakeKFP(token=TOKEN)
     try:
-        volumes = {recipes: "/etc/llmpress", token: "/var/run/secrets/kubeflow/pipelines"}
-        env = {"KF_PIPELINES_ENDPOINT": kfp.url, "KF_PIPELINES_SA_TOKEN_PATH": "/var/run/secrets/kubeflow/pipelines/token", "HOME": "/tmp"}
+        # the Jobs' env, but the token under /etc: `buildah run` mounts its own tmpfs on /run
+        volumes = {recipes: "/etc/llmpress", token: "/etc/kfp-token"}
+        env = {"KF_PIPELINES_ENDPOINT": kfp.url, "KF_PIPELINES_SA_TOKEN_PATH": "/etc/kfp-token/token", "HOME": "/tmp"}
         for job in ("rel-llmpress-register", "rel-llmpress-submit", "rel-llmpress-submit"):  # the second submit: a resync
             result = in_image(cpu_image, "sh", "-c", _job_script(manifests, job), volumes=volumes, env=env, timeout=900)
             assert result.returncode == 0, f"{job}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
