@@ -29,12 +29,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe; prints ok or one line per problem")
     p.add_argument("recipe")
+    add_set_argument(p)
 
     p = sub.add_parser("run", help="run a recipe locally (kfp.local, local artifacts, sqlite MLflow)")
     p.add_argument("recipe")
     p.add_argument("--out", type=Path, help="run folder (default: <storage.root>/<recipe name>)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of every step (always in <out>/run.log)")
     p.add_argument("--no-cache", action="store_true", help="run every step again (default: reuse steps whose inputs are unchanged)")
+    add_set_argument(p)
 
     p = sub.add_parser("sync", help="replay MLflow records spooled while the tracking server was unreachable")
     p.add_argument("spool", metavar="RUN_DIR|SPOOL", help="a local run folder, a spool folder, or an s3:// spool prefix")
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to write the report of an MLflow run (default: ./report-<run id>)")
     submit.add_commands(sub)
     return parser
+
+
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    """``--set``: a run parameter's value, as the Kubeflow UI's run form sets it."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run parameter (gptq_group_size=64, or STAGE.FIELD / recipe field: gptq.group_size=64, "
+                        "data.calibration.num_samples=32); repeatable; `llmpress compile` lists them in the pipeline's inputs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +98,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         recipe = load_recipe_with_defaults(args.recipe, args.defaults)
     else:
         recipe = load_recipe(args.recipe)
+    if args.command in ("validate", "run"):
+        from llmpress.parameters import effective_recipe, parse_sets
+
+        values = parse_sets(recipe, args.set)
+        effective_recipe(recipe, values)  # one line per problem, before anything starts
     if args.command == "validate":
         from llmpress.local import preflight
 
@@ -120,7 +134,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if revision:
         os.environ["LLMPRESS_GIT_REVISION"] = revision
     try:
-        results = run_local(recipe, out_dir, verbose=args.verbose, cache=not args.no_cache)
+        results = run_local(recipe, out_dir, verbose=args.verbose, cache=not args.no_cache, values=values)
     except StageFailed as err:
         print(f"llmpress: error: {err}", file=sys.stderr)
         return EXIT_USER if err.user_error else 1

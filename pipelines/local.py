@@ -21,6 +21,7 @@ from llmpress.components.errors import UserError
 from llmpress.components.kubeflow.steps import LOG_MARK
 from llmpress.components.models.io import check_source as check_model_source
 from llmpress.components.tracking.redaction import redacted
+from llmpress.parameters import effective_recipe
 from llmpress.pipeline import build_pipeline
 from llmpress.recipe import Recipe
 
@@ -99,14 +100,17 @@ def preflight(recipe: Recipe) -> None:
         check_source(spec, field)
 
 
-def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool = True) -> dict[str, Any]:
+def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool = True, values: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; write results.json and report.md into ``out_dir``.
 
-    Every line the runner and the steps print goes to ``out_dir/run.log``; the terminal
-    shows llmpress's progress lines, step outcomes and errors (all of it if ``verbose``)."""
+    ``values`` are run parameters (``--set``), passed to the pipeline as a Kubeflow run
+    passes them; its first step validates them again, as on a cluster. Every line the
+    runner and the steps print goes to ``out_dir/run.log``; the terminal shows
+    llmpress's progress lines, step outcomes and errors (all of it if ``verbose``)."""
     import kfp.local
 
-    preflight(recipe)
+    values = values or {}
+    preflight(effective_recipe(recipe, values))  # a bad value is one line here, before any step
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir / 'mlflow.db'}")
@@ -124,7 +128,7 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool 
         real_stdout = sys.stdout
         sys.stdout = progress = _ProgressFilter(real_stdout, log_file, verbose)
         try:
-            task = pipeline()
+            task = pipeline(**values)
         except RuntimeError as err:
             first = str(err).splitlines()[0] if str(err) else "a pipeline step failed"
             raise StageFailed(f"{_ANSI.sub('', first)}; full log: {log_path}", progress.saw_user_error) from None

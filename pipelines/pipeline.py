@@ -2,12 +2,13 @@
 followed by an evaluation of its output), and the report. Compiles to KFP IR YAML.
 (No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)"""
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
-from llmpress import __version__
+from llmpress import __version__, parameters
 from llmpress.cluster import apply_cluster
 from llmpress.components.errors import UserError
 from llmpress.components.kubeflow import shells as kubeflow
@@ -72,39 +73,60 @@ def build_pipeline(recipe: Recipe) -> Any:
     evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
+    params = parameters.run_parameters(recipe)
+    validate_op = parameters.validate_component(params, recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
 
-    def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources) -> Any:
+    def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources, values: dict[str, Any]) -> Any:
         ops = gpu_ops if resources.gpus else cpu_ops
-        task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, field=field, evals=evals)
+        task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, field=field, evals=evals,
+                               evaluation_source=values["evaluation_source"], evaluation_samples=values["evaluation_samples"],
+                               evaluation_seq_len=values["evaluation_seq_len"])
         task.set_display_name(f"evaluate-{target}")
         return place(task, resources).outputs["Output"]
 
-    @dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress recipe {recipe.name}")
-    def pipeline() -> dsl.Artifact:
-        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context)
+    def pipeline(*args: Any) -> dsl.Artifact:
+        values = dict(zip((p.name for p in params), args, strict=True))  # KFP passes the inputs in signature order
+        # the effective recipe (recipe + run parameters) is checked before anything else starts
+        validated = validate_op(recipe_json=recipe.model_dump_json(exclude_unset=True), **values)
+        validated.set_display_name("validate-recipe")
+        place(validated, recipe.cluster.light_resources)
+        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context,
+                                           model_source=values["model_source"], model_revision=values["model_revision"])
         imported.set_display_name("import-model")
+        imported.after(validated)
         place(imported, recipe.cluster.light_resources)
         model = imported.outputs["model"]
         # two chains of records: evaluations (baseline first) and model-producing stages
-        evals = evaluate(model, "", "baseline", "evaluation", evaluation, recipe.evaluation.resources)
+        evals = evaluate(model, "", "baseline", "evaluation", evaluation, recipe.evaluation.resources, values)
         stages: Any = ""
-        for stage in recipe.stages:
+        for i, stage in enumerate(recipe.stages):
             if stage.kind == "evaluate":
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
-                evals = evaluate(model, evals, stage.name, f"stages.{stage.name}", config, stage.resources)
+                evals = evaluate(model, evals, stage.name, f"stages.{stage.name}", config, stage.resources, values)
                 continue
             ops = gpu_ops if stage.resources.gpus else cpu_ops
-            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=stages)
+            settings = {p.path[2]: values[p.name] for p in params if p.path[:2] == ("stages", i)}
+            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=stages,
+                                    calibration_source=values["calibration_source"], calibration_samples=values["calibration_samples"],
+                                    calibration_seq_len=values["calibration_seq_len"], mlflow_experiment=values["mlflow_experiment"], **settings)
             task.set_display_name(stage.name)
             place(task, stage.resources)
             model, stages = task.outputs["model_out"], task.outputs["Output"]
             if stage.kind in PRODUCES_MODEL and recipe.evaluation.after_each_stage:
-                evals = evaluate(model, evals, stage.name, "evaluation", evaluation, recipe.evaluation.resources)
-        final = cpu_ops["finish"](stages=stages, evals=evals, recipe_json=recipe_json)
+                evals = evaluate(model, evals, stage.name, "evaluation", evaluation, recipe.evaluation.resources, values)
+        final = cpu_ops["finish"](stages=stages, evals=evals, recipe_json=recipe_json, changed=validated.output)
         final.set_display_name("report")
         place(final, recipe.cluster.light_resources)
         return final.outputs["results"]
 
+    # KFP reads the pipeline's inputs (the run form) from its signature and their
+    # descriptions from the docstring's Args section
+    pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type) for p in params],
+        return_annotation=dsl.Artifact)
+    pipeline.__annotations__ = {**{p.name: p.type for p in params}, "return": dsl.Artifact}
+    pipeline.__doc__ = parameters.docstring(recipe, params)
+    pipeline = dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress recipe {recipe.name}")(pipeline)
     return pipeline
 
 

@@ -143,14 +143,18 @@ class Submitted:
 
 
 def submit(recipe: Any, conn: Connection, experiment: str | None = None, revision: str | None = None,
-           service_account: str | None = None, wait: bool = False, timeout: int = 86400) -> Submitted:
-    """Start a run of ``recipe``. With ``revision`` (GitOps) it runs at most once per
-    recipe content: a run whose name holds the same key means "already submitted"."""
+           service_account: str | None = None, wait: bool = False, timeout: int = 86400, values: dict[str, Any] | None = None) -> Submitted:
+    """Start a run of ``recipe`` with run parameters ``values`` (``--set``; the others keep
+    the recipe's values). With ``revision`` (GitOps) it runs at most once per effective
+    recipe: a run whose name holds the same key means "already submitted"."""
+    from llmpress.parameters import effective_recipe
     from llmpress.pipeline import compile_recipe
 
+    values = values or {}
+    effective = effective_recipe(recipe, values)  # a bad value is one line here, before the server is asked
     client = connect(conn)
-    experiment = experiment or recipe.tracking.experiment
-    key = run_key(recipe)
+    experiment = experiment or effective.tracking.experiment
+    key = run_key(effective)
     if revision:
         name = f"{recipe.name} {key} @{revision[:12]}"
     else:
@@ -166,7 +170,8 @@ def submit(recipe: Any, conn: Connection, experiment: str | None = None, revisio
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_recipe(recipe, Path(tmp) / f"{recipe.name}.yaml")
         with _api("create run"), _quiet():
-            run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=name, pipeline_package_path=str(package), service_account=service_account)
+            run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=name, pipeline_package_path=str(package), params=values,
+                                      service_account=service_account)
     state = None
     if wait:
         with _api("wait for run"):
@@ -223,6 +228,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--service-account", help="Kubernetes service account of the run's pods (default: KFP's pipeline-runner)")
     p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=int, default=86400, help="seconds --wait waits (default 86400)")
+    from llmpress.cli import add_set_argument
+
+    add_set_argument(p)
 
     p = sub.add_parser("register", help="upload recipes' pipelines to Kubeflow Pipelines as version <name>-<version>")
     p.add_argument("recipes", nargs="+")
@@ -250,7 +258,9 @@ def run_command(args: Any) -> int:
     try:
         if args.command == "submit":
             recipe = load_recipe_with_defaults(args.recipe, args.defaults)
-            done = submit(recipe, conn, args.experiment, args.revision, args.service_account, args.wait, args.timeout)
+            from llmpress.parameters import parse_sets
+
+            done = submit(recipe, conn, args.experiment, args.revision, args.service_account, args.wait, args.timeout, parse_sets(recipe, args.set))
             if done.created:
                 print(f"submitted: {done.name}\n{done.url}")
             else:  # a resync: the run this recipe content already has

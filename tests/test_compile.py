@@ -51,14 +51,17 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
     spec = next(yaml.safe_load_all(out.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     names = {t["taskInfo"]["name"] for t in tasks.values()}
-    assert names == {"import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
+    assert names == {"validate-recipe", "import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
+    # the effective recipe (recipe + run parameters) is validated before anything starts;
     # the stage needs only the imported model (not the baseline evaluation: editing the
     # evaluation settings must not redo it, and on a cluster the two run side by side);
     # the stage's evaluation needs the stage's model and the baseline's figures; the
-    # report needs both chains of records
+    # report needs both chains of records and the fields the run parameters changed
+    assert "dependentTasks" not in tasks["validate-recipe"]
+    assert sorted(tasks["import-model"]["dependentTasks"]) == ["validate-recipe"]
     assert sorted(tasks["run-stage"]["dependentTasks"]) == ["import-model"]
     assert sorted(tasks["evaluate-2"]["dependentTasks"]) == ["evaluate", "run-stage"]
-    assert sorted(tasks["finish"]["dependentTasks"]) == ["evaluate-2", "run-stage"]
+    assert sorted(tasks["finish"]["dependentTasks"]) == ["evaluate-2", "run-stage", "validate-recipe"]
 
 
 def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_path, monkeypatch, capsys):
