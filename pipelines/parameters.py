@@ -15,13 +15,16 @@ order and kinds, images, GPU/CPU placement and every other ``resources`` field
 
 from __future__ import annotations
 
+import hashlib
 import json
 import linecache
 import typing
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
-from llmpress.components.errors import UserError
+from llmpress.components.errors import UserError, short
 from llmpress.components.kubeflow import overrides
 from llmpress.recipe import Recipe, parse_recipe
 
@@ -194,29 +197,70 @@ def validate_in_step(recipe_json: str, values: dict[str, Any]) -> str:
     return json.dumps([[list(p.path), value] for p, value in changed])
 
 
-def validate_component(params: list[RunParameter], image: str) -> Any:
-    """The ``validate-recipe`` component: the recipe (as JSON) and every run parameter in,
-    the changed fields out.
+def parameters_report(recipe_json: str, values: dict[str, Any], markdown_path: str) -> None:
+    """The run's parameters as Markdown (its "run-parameters" step): each parameter's
+    value and recipe field, marked where it differs from the recipe; for a refused
+    value, the line that ended the run in validate-recipe instead. Never fails: it runs
+    whether or not the validation passed, so that the UI always has this page."""
+    recipe = parse_recipe(json.loads(recipe_json))
+    try:
+        effective_recipe(recipe, values)
+        problems: list[str] = []
+    except UserError as err:
+        problems = err.problems
+    lines = ["# Run parameters", ""]
+    if problems:
+        lines += ["**Refused**: the run stopped in its first step, validate-recipe, before any other step started:", ""]
+        lines += [f"    llmpress: error: {problem}" for problem in problems] + [""]
+    lines += ["| parameter | value | recipe's value | recipe field |", "| --- | --- | --- | --- |"]
+    for param in run_parameters(recipe):
+        value = values.get(param.name, param.default)
+        mark = "" if value == param.default else " (changed)"
+        lines.append(f"| `{param.name}` | {_cell(value)}{mark} | {_cell(param.default)} | `{param.field}` |")
+    lines += ["", "Not run parameters, fixed when the pipeline was compiled: the stages, each step's GPUs, node selector, "
+                  "tolerations and other resources, the images and every other recipe field."]
+    Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(markdown_path).write_text("\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    """A value from the run form as a table cell: a code span (where Markdown takes HTML
+    as text) that no backtick can end and no pipe can split; repr keeps it on one line."""
+    text = short(value, 120).replace("`", "'").replace("|", "\\|")
+    return f"`{text}`"
+
+
+def parameter_components(params: list[RunParameter], image: str) -> tuple[Any, Any]:
+    """The ``validate-recipe`` component (the recipe as JSON and every run parameter in,
+    the changed fields out; exit 2 on a bad value) and the ``run-parameters`` component
+    (the same inputs, a Markdown page out).
 
     KFP reads a lightweight component's inputs from its function's signature and ships
     the function's source to the pod, so a pipeline with its own set of parameters needs
-    a function written for it: this one is generated, and only forwards its arguments."""
+    functions written for it: these two are generated, and only forward their arguments."""
     from kfp import dsl
+    from kfp.dsl import Markdown, Output
 
-    names = [p.name for p in params]
+    inputs = ", ".join(f"{p.name}: {p.type.__name__}" for p in params)
+    values = "{" + ", ".join(f"{p.name!r}: {p.name}" for p in params) + "}"
     source = (
-        f"def validate_recipe(recipe_json: str, {', '.join(f'{p.name}: {p.type.__name__}' for p in params)}) -> str:\n"
+        f"def validate_recipe(recipe_json: str, {inputs}) -> str:\n"
         '    """Validate the effective recipe (the recipe and the run parameters) before any other step."""\n'
         "    from llmpress.components.kubeflow.steps import user_errors_exit\n"
         "    from llmpress.parameters import validate_in_step\n\n"
-        f"    return user_errors_exit(validate_in_step)(recipe_json, {{{', '.join(f'{n!r}: {n}' for n in names)}}})\n"
+        f"    return user_errors_exit(validate_in_step)(recipe_json, {values})\n\n\n"
+        f"def run_parameters(recipe_json: str, {inputs}, parameters: Output[Markdown]) -> None:\n"
+        '    """The run parameters as a Markdown page, or the line that refused them."""\n'
+        "    from llmpress.parameters import parameters_report\n\n"
+        f"    parameters_report(recipe_json, {values}, parameters.path)\n"
     )
-    filename = f"<llmpress validate_recipe {abs(hash(source))}>"
+    filename = f"<llmpress run parameters {hashlib.sha256(source.encode()).hexdigest()[:16]}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # inspect.getsource reads it here
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"Output": Output, "Markdown": Markdown}
     # names are identifiers, types str/int/float; dont_inherit: KFP needs real annotations, not this module's strings
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)
-    return dsl.component(namespace["validate_recipe"], base_image=image, install_kfp_package=False)
+    make = partial(dsl.component, base_image=image, install_kfp_package=False)
+    return make(namespace["validate_recipe"]), make(namespace["run_parameters"])
 
 
 def docstring(recipe: Recipe, params: list[RunParameter]) -> str:

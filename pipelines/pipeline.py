@@ -74,7 +74,7 @@ def build_pipeline(recipe: Recipe) -> Any:
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
     params = parameters.run_parameters(recipe)
-    validate_op = parameters.validate_component(params, recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
+    validate_op, parameters_op = parameters.parameter_components(params, recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
 
     def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources, values: dict[str, Any]) -> Any:
         ops = gpu_ops if resources.gpus else cpu_ops
@@ -87,9 +87,14 @@ def build_pipeline(recipe: Recipe) -> Any:
     def pipeline(*args: Any) -> dsl.Artifact:
         values = dict(zip((p.name for p in params), args, strict=True))  # KFP passes the inputs in signature order
         # the effective recipe (recipe + run parameters) is checked before anything else starts
-        validated = validate_op(recipe_json=recipe.model_dump_json(exclude_unset=True), **values)
+        base = recipe.model_dump_json(exclude_unset=True)  # what the recipe says, as it said it
+        validated = validate_op(recipe_json=base, **values)
         validated.set_display_name("validate-recipe")
         place(validated, recipe.cluster.light_resources)
+        # the run's parameters page; it runs when validation fails too, to say why
+        page = parameters_op(recipe_json=base, **values).after(validated).ignore_upstream_failure()
+        page.set_display_name("run-parameters")
+        place(page, recipe.cluster.light_resources)
         imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context,
                                            model_source=values["model_source"], model_revision=values["model_revision"])
         imported.set_display_name("import-model")

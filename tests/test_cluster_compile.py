@@ -80,7 +80,7 @@ def test_cpu_steps_run_the_cpu_image_on_the_cpu_pool_and_gpu_steps_the_cuda_imag
     spec, k8s, _ = three_stage
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
     assert images[by_task(spec, "gptq")] == images[by_task(spec, "evaluate-eval-gpu")] == CLUSTER["gpu_image"]
-    for display in ("validate-recipe", "import-model", "evaluate-baseline", "evaluate-eval-cpu", "report"):
+    for display in ("validate-recipe", "run-parameters", "import-model", "evaluate-baseline", "evaluate-eval-cpu", "report"):
         assert images[by_task(spec, display)] == CLUSTER["cpu_image"], display
     assert k8s[by_task(spec, "evaluate-eval-cpu")]["nodeSelector"]["labels"] == {"node-pool": "cpu"}
     assert "accelerator" not in spec["deploymentSpec"]["executors"][by_task(spec, "evaluate-eval-cpu")]["container"].get("resources", {})
@@ -88,7 +88,7 @@ def test_cpu_steps_run_the_cpu_image_on_the_cpu_pool_and_gpu_steps_the_cuda_imag
 
 def test_every_step_reads_s3_and_mlflow_secrets_by_name_and_runs_as_non_root(three_stage):
     spec, k8s, _ = three_stage
-    assert len(k8s) == len(spec["deploymentSpec"]["executors"]) == 8  # validate-recipe, import, 5 steps, report
+    assert len(k8s) == len(spec["deploymentSpec"]["executors"]) == 9  # validate-recipe, run-parameters, import, 5 steps, report
     for name, ex in k8s.items():
         secrets = {s["secretName"]: s for s in ex["secretAsEnv"]}
         assert [k["envVar"] for k in secrets["team-s3"]["keyToEnv"]] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], name

@@ -51,13 +51,16 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
     spec = next(yaml.safe_load_all(out.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     names = {t["taskInfo"]["name"] for t in tasks.values()}
-    assert names == {"validate-recipe", "import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
+    assert names == {"validate-recipe", "run-parameters", "import-model", "evaluate-baseline", "gptq", "evaluate-gptq", "report"}
     # the effective recipe (recipe + run parameters) is validated before anything starts;
     # the stage needs only the imported model (not the baseline evaluation: editing the
     # evaluation settings must not redo it, and on a cluster the two run side by side);
     # the stage's evaluation needs the stage's model and the baseline's figures; the
     # report needs both chains of records and the fields the run parameters changed
     assert "dependentTasks" not in tasks["validate-recipe"]
+    # the run's parameters page follows validation whatever its outcome, to say why it failed
+    assert tasks["run-parameters"]["dependentTasks"] == ["validate-recipe"]
+    assert tasks["run-parameters"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
     assert sorted(tasks["import-model"]["dependentTasks"]) == ["validate-recipe"]
     assert sorted(tasks["run-stage"]["dependentTasks"]) == ["import-model"]
     assert sorted(tasks["evaluate-2"]["dependentTasks"]) == ["evaluate", "run-stage"]

@@ -72,7 +72,7 @@ def test_each_step_takes_only_the_parameters_it_uses(compiled):
     def used(task: str) -> set[str]:
         return {p["componentInputParameter"] for p in tasks[task]["inputs"]["parameters"].values() if "componentInputParameter" in p}
 
-    assert used("validate-recipe") == set(EXPECTED_DEFAULTS)
+    assert used("validate-recipe") == used("run-parameters") == set(EXPECTED_DEFAULTS)
     assert used("import-model") == {"model_source", "model_revision"}
     assert used("evaluate") == {"evaluation_source", "evaluation_samples", "evaluation_seq_len"}
     calibration = {"calibration_source", "calibration_samples", "calibration_seq_len", "mlflow_experiment"}
@@ -175,3 +175,12 @@ def test_a_step_applies_only_values_that_differ_from_its_settings():
     assert json.loads(overrides.stage(stage, {"scheme": "gptq-w4a16"}))["scheme"] == "gptq-w4a16"
     data = json.dumps({"source": "builtin:pydoc-train", "num_samples": 16, "seq_len": 64})
     assert json.loads(overrides.data(data, "builtin:pydoc-train", 8, 64)) == {"source": "builtin:pydoc-train", "num_samples": 8, "seq_len": 64}
+
+
+def test_the_parameters_page_keeps_a_value_from_the_form_inside_its_cell(tmp_path):
+    from llmpress.parameters import parameters_report
+
+    recipe = parse(THREE_STAGES)
+    parameters_report(recipe.model_dump_json(exclude_unset=True), {"model_source": "x|`<img src=y>\n"}, str(tmp_path / "page.md"))
+    (row,) = [line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| `model_source`")]
+    assert row == "| `model_source` | `'x\\|'<img src=y>\\n'` (changed) | `'builtin:pydoc-llama-tiny'` | `model.source` |"

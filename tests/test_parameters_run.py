@@ -35,8 +35,8 @@ def overridden(tmp_path_factory, tiny_model_dir):
 def test_an_override_reruns_its_stage_and_what_follows_and_reuses_the_rest(overridden):
     out, _, _, _ = overridden
     first, second = executed(out)
-    assert set(first) == {"validate-recipe", "import-model", "evaluate", "run-stage", "evaluate-2", "finish"}
-    assert set(second) == {"validate-recipe", "run-stage", "evaluate-2", "finish"}, second
+    assert set(first) == {"validate-recipe", "run-parameters", "import-model", "evaluate", "run-stage", "evaluate-2", "finish"}
+    assert set(second) == {"validate-recipe", "run-parameters", "run-stage", "evaluate-2", "finish"}, second
 
 
 @SLOW
@@ -85,4 +85,9 @@ def test_a_bad_value_from_the_run_form_stops_the_run_in_its_first_step(tmp_path,
     assert errors == ["llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel) "
                       "(run parameter for stages[0].group_size)"]
     finished = re.findall(r"Task '([^']+)' finished with status (\w+)", re.sub(r"\x1b\[[0-9;]*m", "", log.out + log.err))
-    assert finished == [("validate-recipe", "FAILURE")]  # no other step started
+    assert finished == [("validate-recipe", "FAILURE"), ("run-parameters", "SUCCESS")]  # no model step started
+    (page,) = (tmp_path / "artifacts").glob("*/run-parameters/parameters")
+    text = page.read_text()
+    assert "    llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel) " in text
+    assert "| `gptq_group_size` | `33` (changed) | `128` | `stages[0].group_size` |" in text
+    assert "| `calibration_samples` | `8` (changed) | `16` | `data.calibration.num_samples` |" in text

@@ -41,9 +41,9 @@ def edited(s3_server, tmp_path_factory, tiny_model_dir):
 def test_editing_the_last_stage_reruns_only_it_its_evaluation_and_the_report(edited):
     out, _, _, _ = edited
     first, second = executed(out)
-    assert set(first) == {"validate-recipe", "import-model", "evaluate", "run-stage", "evaluate-2", "run-stage-2", "evaluate-3", "finish"}
-    # validate-recipe checks the whole (edited) recipe again: a second's work, no model
-    assert set(second) == {"validate-recipe", "run-stage-2", "evaluate-3", "finish"}, second
+    assert set(first) == {"validate-recipe", "run-parameters", "import-model", "evaluate", "run-stage", "evaluate-2", "run-stage-2", "evaluate-3", "finish"}
+    # validate-recipe checks the whole (edited) recipe again and run-parameters shows it: no model, a second's work
+    assert set(second) == {"validate-recipe", "run-parameters", "run-stage-2", "evaluate-3", "finish"}, second
 
 
 def test_reused_stage_keeps_its_figures_and_the_edited_one_changes(edited):
