@@ -102,11 +102,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from llmpress.parameters import effective_recipe, parse_sets
 
         values = parse_sets(recipe, args.set)
-        effective_recipe(recipe, values)  # one line per problem, before anything starts
+        recipe_in_effect = effective_recipe(recipe, values)  # one line per problem, before anything starts
     if args.command == "validate":
         from llmpress.local import preflight
 
-        preflight(recipe)  # local model and data paths, builtins: what `run` would refuse
+        preflight(recipe_in_effect)  # local model and data paths, builtins: what `run` would refuse
         print("ok")
         return 0
     if args.command == "compile":

@@ -91,6 +91,8 @@ def run_parameters(recipe: Recipe) -> list[RunParameter]:
             value = getattr(stage, name)
             if value is None and name == "sparsity":
                 value = 0.5  # what unstructured pruning uses when the recipe says nothing
+            if name in overrides.TEXT_NUMBERS:
+                value = str(value)
             about = fields[name].description or name
             allowed = typing.get_args(fields[name].annotation)
             if allowed and all(isinstance(a, str) for a in allowed):
@@ -111,10 +113,10 @@ def _identifier(stage_name: str) -> str:
 
 
 def _normalized(param: RunParameter, value: Any) -> Any:
-    """A value as the recipe holds it: an empty optional text is no value."""
+    """A value as the recipe holds it: an empty optional text is no value, '64' a group size."""
     if param.path in (("model", "revision"), ("tracking", "register_as")) and value == "":
         return None
-    return value
+    return overrides.recipe_value(str(param.path[-1]), value)
 
 
 def _typed(param: RunParameter, value: Any) -> Any:

@@ -21,6 +21,7 @@ THREE_STAGES = tiny_recipe(
     tracking={"experiment": "team-a", "register_as": "small-llama"},
 )
 
+AUTO = "or -1 (per output channel), or 'auto' (the largest of 128, 64, 32 that divides every quantized layer) (run parameter"
 EXPECTED_DEFAULTS = {
     "model_source": TINY, "model_revision": "",
     "calibration_source": "builtin:pydoc-train", "calibration_samples": 16, "calibration_seq_len": 64,
@@ -28,7 +29,7 @@ EXPECTED_DEFAULTS = {
     "mlflow_experiment": "team-a", "registered_model_name": "small-llama",
     "kd_steps": 20, "kd_learning_rate": 3e-4, "kd_temperature": 4.0, "kd_alpha": 0.7,
     "wanda_method": "wanda", "wanda_sparsity": 0.3,
-    "gptq_scheme": "gptq-w4a16", "gptq_group_size": 64,
+    "gptq_scheme": "gptq-w4a16", "gptq_group_size": "64",
 }
 
 
@@ -51,9 +52,10 @@ def test_compiled_root_inputs_are_the_recipes_main_settings_with_its_values_as_d
     inputs = compiled["root"]["inputDefinitions"]["parameters"]
     assert {name: spec.get("defaultValue") for name, spec in inputs.items()} == EXPECTED_DEFAULTS
     kinds = {name: spec["parameterType"] for name, spec in inputs.items()}
-    assert kinds["gptq_group_size"] == kinds["kd_steps"] == kinds["calibration_samples"] == "NUMBER_INTEGER"
+    assert kinds["kd_steps"] == kinds["calibration_samples"] == "NUMBER_INTEGER"
     assert kinds["wanda_sparsity"] == kinds["kd_learning_rate"] == "NUMBER_DOUBLE"
     assert kinds["model_source"] == kinds["gptq_scheme"] == "STRING"
+    assert kinds["gptq_group_size"] == "STRING"  # 'auto' or a number
 
 
 def test_every_parameter_has_a_description_naming_its_recipe_field(compiled):
@@ -113,16 +115,17 @@ def test_a_changed_value_replaces_the_recipe_field_and_an_unchanged_one_leaves_i
     from llmpress.parameters import effective_recipe
 
     recipe = parse(THREE_STAGES)
-    effective = effective_recipe(recipe, {"gptq_group_size": 128, "wanda_sparsity": 0.3, "model_revision": ""})
+    effective = effective_recipe(recipe, {"gptq_group_size": "128", "wanda_sparsity": 0.3, "model_revision": ""})
     assert effective.stages[2].group_size == 128 and effective.stages[1].sparsity == 0.3
     assert effective.model.revision is None
     assert effective_recipe(recipe, {"wanda_sparsity": 0.3}) is recipe  # nothing changed, nothing re-parsed
     quantize = parse(tiny_recipe(stages=[{"name": "q", "kind": "quantize", "scheme": "gptq-w4a16"}]))
-    assert "group_size" not in effective_recipe(quantize, {"q_scheme": "fp8", "q_group_size": 128}).stages[0].model_fields_set
+    assert "group_size" not in effective_recipe(quantize, {"q_scheme": "fp8", "q_group_size": "auto"}).stages[0].model_fields_set
+    assert effective_recipe(quantize, {"q_group_size": "auto"}) is quantize
 
 
 @pytest.mark.parametrize(("values", "line"), [
-    ({"gptq_group_size": 7}, "gptq_group_size: 7 — allowed: 32, 64, 128, 256, or -1 (per output channel) (run parameter for stages[2].group_size)"),
+    ({"gptq_group_size": "7"}, f"gptq_group_size: 7 — allowed: 32, 64, 128, 256, {AUTO} for stages[2].group_size)"),
     ({"wanda_sparsity": 1.5}, "wanda_sparsity: 1.5 — Input should be less than 1 (run parameter for stages[1].sparsity)"),
     ({"gptq_scheme": "int3"}, "gptq_scheme: 'int3' — Input should be 'gptq-w4a16', 'awq-w4a16', 'w8a8', 'fp8', 'int8', 'nf4' or 'fp4' "
                               "(run parameter for stages[2].scheme)"),
@@ -142,7 +145,7 @@ def test_set_takes_a_parameter_name_or_the_stage_field_or_the_recipe_field():
     from llmpress.parameters import parse_sets
 
     values = parse_sets(parse(THREE_STAGES), ["gptq_group_size=32", "wanda.sparsity=0.5", "data.calibration.num_samples=8", "model_source=hf:org/m"])
-    assert values == {"gptq_group_size": 32, "wanda_sparsity": 0.5, "calibration_samples": 8, "model_source": "hf:org/m"}
+    assert values == {"gptq_group_size": "32", "wanda_sparsity": 0.5, "calibration_samples": 8, "model_source": "hf:org/m"}
 
 
 def test_validate_with_a_bad_set_is_one_line_and_exit_2(write_recipe, capsys):
@@ -152,7 +155,7 @@ def test_validate_with_a_bad_set_is_one_line_and_exit_2(write_recipe, capsys):
     assert main(["validate", path, "--set", "gptq.group_size=64"]) == 0
     assert main(["validate", path, "--set", "gptq.group_size=63"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["llmpress: error: gptq_group_size: 63 — allowed: 32, 64, 128, 256, or -1 (per output channel) (run parameter for stages[2].group_size)"]
+    assert err == [f"llmpress: error: gptq_group_size: 63 — allowed: 32, 64, 128, 256, {AUTO} for stages[2].group_size)"]
 
 
 def test_the_validation_step_returns_the_changed_fields_and_the_report_step_applies_them():
@@ -160,7 +163,7 @@ def test_the_validation_step_returns_the_changed_fields_and_the_report_step_appl
     from llmpress.parameters import validate_in_step
 
     recipe = parse(THREE_STAGES)
-    changed = validate_in_step(recipe.model_dump_json(exclude_unset=True), {"gptq_group_size": 32, "kd_alpha": 0.7, "mlflow_experiment": "b"})
+    changed = validate_in_step(recipe.model_dump_json(exclude_unset=True), {"gptq_group_size": "32", "kd_alpha": 0.7, "mlflow_experiment": "b"})
     assert json.loads(changed) == [[["stages", 2, "group_size"], 32], [["tracking", "experiment"], "b"]]
     effective = json.loads(overrides.recipe(recipe.model_dump_json(), changed))
     assert effective["stages"][2]["group_size"] == 32 and effective["tracking"]["experiment"] == "b"

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import executed, run_cli, tiny_recipe
 
+REFUSED = "or -1 (per output channel), or 'auto' (the largest of 128, 64, 32 that divides every quantized layer) (run parameter for stages[0].group_size)"
 SLOW = pytest.mark.slow  # the two real runs: about 3 minutes on 2 idle cores, 12 on busy ones
 
 
@@ -65,7 +66,7 @@ def test_a_bad_override_is_one_line_and_runs_nothing(overridden):
     out, _, _, bad = overridden
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel) (run parameter for stages[0].group_size)"]
+        f"llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, {REFUSED}"]
     assert len(executed(out)) == 2  # no third pipeline run started
 
 
@@ -79,15 +80,14 @@ def test_a_bad_value_from_the_run_form_stops_the_run_in_its_first_step(tmp_path,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "artifacts"), raise_on_error=False)
     pipeline = build_pipeline(parse_recipe(tiny_recipe(name="form")))
-    pipeline(gptq_group_size=33, calibration_samples=8)
+    pipeline(gptq_group_size="33", calibration_samples=8)
     log = capfd.readouterr()
     errors = [line.strip() for line in (log.out + log.err).splitlines() if "llmpress: error:" in line]
-    assert errors == ["llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel) "
-                      "(run parameter for stages[0].group_size)"]
+    assert errors == [f"llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, {REFUSED}"]
     finished = re.findall(r"Task '([^']+)' finished with status (\w+)", re.sub(r"\x1b\[[0-9;]*m", "", log.out + log.err))
     assert finished == [("validate-recipe", "FAILURE"), ("run-parameters", "SUCCESS")]  # no model step started
     (page,) = (tmp_path / "artifacts").glob("*/run-parameters/parameters")
     text = page.read_text()
-    assert "    llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel) " in text
-    assert "| `gptq_group_size` | `33` (changed) | `128` | `stages[0].group_size` |" in text
+    assert "    llmpress: error: gptq_group_size: 33 — allowed: 32, 64, 128, 256, or -1 (per output channel), or 'auto' " in text
+    assert "| `gptq_group_size` | `'33'` (changed) | `'auto'` | `stages[0].group_size` |" in text
     assert "| `calibration_samples` | `8` (changed) | `16` | `data.calibration.num_samples` |" in text

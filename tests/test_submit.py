@@ -316,22 +316,23 @@ def test_submit_set_sends_run_parameters_with_the_pipeline(submit, kfp_server, g
     result = submit(gpu_recipe, kfp_server, "--set", "gptq_group_size=64", "--set", "data.calibration.num_samples=8")
     assert result.returncode == 0, result.stderr
     (run,) = kfp_server.runs
-    assert run["runtime_config"]["parameters"] == {"gptq_group_size": 64, "calibration_samples": 8}
+    assert run["runtime_config"]["parameters"] == {"gptq_group_size": "64", "calibration_samples": 8}
     inputs = run["pipeline_spec"]["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
-    assert inputs["gptq_group_size"]["defaultValue"] == 128 and inputs["calibration_samples"]["defaultValue"] == 16
+    assert inputs["gptq_group_size"]["defaultValue"] == "auto" and inputs["calibration_samples"]["defaultValue"] == 16
 
 
 def test_submit_set_with_a_bad_value_is_one_line_and_sends_nothing(submit, kfp_server, gpu_recipe):
     result = submit(gpu_recipe, kfp_server, "--set", "gptq.group_size=48")
     assert result.returncode == 2
-    line = "llmpress: error: gptq_group_size: 48 — allowed: 32, 64, 128, 256, or -1 (per output channel) (run parameter for stages[0].group_size)"
+    line = ("llmpress: error: gptq_group_size: 48 — allowed: 32, 64, 128, 256, or -1 (per output channel), or 'auto' (the largest of 128, 64, 32 "
+            "that divides every quantized layer) (run parameter for stages[0].group_size)")
     assert result.stderr.strip().splitlines() == [line]
     assert kfp_server.requests == []  # refused before the server was asked anything
 
 
 def test_a_revision_run_is_once_per_effective_recipe(submit, kfp_server, gpu_recipe):
     plain = submit(gpu_recipe, kfp_server, "--revision", "aaa")
-    same = submit(gpu_recipe, kfp_server, "--revision", "bbb", "--set", "gptq_group_size=128")  # the recipe's own value
+    same = submit(gpu_recipe, kfp_server, "--revision", "bbb", "--set", "gptq_group_size=auto")  # the recipe's own value
     other = submit(gpu_recipe, kfp_server, "--revision", "bbb", "--set", "gptq_group_size=64")
     assert [r.returncode for r in (plain, same, other)] == [0, 0, 0], plain.stderr + other.stderr
     assert same.stdout.startswith("already submitted: ") and other.stdout.startswith("submitted: ")

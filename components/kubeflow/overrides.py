@@ -22,6 +22,16 @@ from llmpress.components.stages.quantize import QuantizeConfig
 from pydantic import BaseModel
 
 STAGE_CONFIGS: dict[str, type[BaseModel]] = {"quantize": QuantizeConfig, "prune": PruneConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
+# settings a run form gives as text although the recipe may hold a number: group_size is
+# 32, 64, 128, 256, -1 or 'auto'
+TEXT_NUMBERS = ("group_size",)
+
+
+def recipe_value(field: str, value: Any) -> Any:
+    """A run parameter's value as the recipe holds it ('64' is 64 for group_size)."""
+    if field in TEXT_NUMBERS and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 def set_path(data: dict[str, Any], path: list[Any] | tuple[Any, ...], value: Any) -> None:
@@ -41,6 +51,7 @@ def _with_values(spec: dict[str, Any], config_type: type[BaseModel], values: dic
     current = config_type.model_validate({k: v for k, v in spec.items() if k in config_type.model_fields})
     out = dict(spec)
     for key, value in values.items():
+        value = recipe_value(key, value)
         if value is not None and value != getattr(current, key):
             out[key] = value
     return out

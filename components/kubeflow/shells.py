@@ -22,18 +22,18 @@ def run_stage(model: Input[Model], stage_json: str, calibration_json: str, conte
               calibration_source: str, calibration_samples: int, calibration_seq_len: int, mlflow_experiment: str,
               model_out: Output[Model], metrics: Output[Metrics],
               # KFP 2.17 reads Optional[X], not X | None
-              scheme: Optional[str] = None, group_size: int = 0, method: Optional[str] = None, sparsity: Optional[float] = None,  # noqa: UP045
+              scheme: Optional[str] = None, group_size: Optional[str] = None, method: Optional[str] = None, sparsity: Optional[float] = None,  # noqa: UP045
               steps: int = 0, learning_rate: Optional[float] = None, temperature: Optional[float] = None,  # noqa: UP045
               alpha: Optional[float] = None) -> str:  # noqa: UP045
     """Run one model-producing stage (distill, prune, quantize); returns the stages' records.
 
     The inputs after ``metrics`` are the stage's run parameters; the pipeline passes
-    those of the stage's kind. An integer one left out is 0, which is never a valid
-    group size or step count (kfp.local 2.17 cannot pass an absent optional integer)."""
+    those of the stage's kind. ``steps`` left out is 0, never a valid step count
+    (kfp.local 2.17 cannot pass an absent optional integer)."""
     from llmpress.components.kubeflow import overrides
     from llmpress.components.kubeflow import steps as step
 
-    settings = {"scheme": scheme, "group_size": group_size or None, "method": method, "sparsity": sparsity, "steps": steps or None,
+    settings = {"scheme": scheme, "group_size": group_size, "method": method, "sparsity": sparsity, "steps": steps or None,
                 "learning_rate": learning_rate, "temperature": temperature, "alpha": alpha}
     records, values = step.run_stage(model.path, model_out.path, overrides.stage(stage_json, settings),
                                      overrides.data(calibration_json, calibration_source, calibration_samples, calibration_seq_len),
