@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def add_set_argument(p: argparse.ArgumentParser) -> None:
-    """``--set``: a run parameter's value, as the Kubeflow UI's run form sets it."""
+    """``--set`` and ``--parameters``: run parameters, as the Kubeflow UI's run form sets them."""
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run parameter (gptq_group_size=64, or STAGE.FIELD / recipe field: gptq.group_size=64, "
                         "data.calibration.num_samples=32); repeatable; `llmpress compile` lists them in the pipeline's inputs")
+    p.add_argument("--parameters", type=Path, metavar="FILE", help="run parameters from a YAML mapping (KEY: VALUE); --set wins")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("validate", "run"):
         from llmpress.parameters import effective_recipe, parse_sets
 
-        values = parse_sets(recipe, args.set)
+        values = parse_sets(recipe, args.set, args.parameters)
         recipe_in_effect = effective_recipe(recipe, values)  # one line per problem, before anything starts
     if args.command == "validate":
         from llmpress.local import preflight

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from llmpress import untrusted_yaml
 from llmpress.components.errors import UserError, short
 from llmpress.components.kubeflow import overrides
 from llmpress.recipe import Recipe, parse_recipe
@@ -163,20 +164,41 @@ def effective_recipe(recipe: Recipe, values: dict[str, Any]) -> Recipe:
         raise UserError(*lines) from None
 
 
-def parse_sets(recipe: Recipe, assignments: list[str]) -> dict[str, Any]:
-    """``--set`` arguments (``gptq.group_size=64``, ``gptq_group_size=64``,
-    ``data.calibration.num_samples=32``) as run parameter values."""
+def _by_key(recipe: Recipe) -> dict[str, RunParameter]:
+    """Each parameter under its name, its recipe field and ``STAGE.FIELD``."""
     params = run_parameters(recipe)
-    by_name = {p.name: p for p in params}
-    by_field = {p.field: p for p in params}
-    by_field.update({f"{s.name}.{f}": p for p in params if p.path[0] == "stages" for s in [recipe.stages[p.path[1]]] for f in [p.path[2]]})
+    keys = {p.field: p for p in params}
+    keys.update({f"{recipe.stages[p.path[1]].name}.{p.path[2]}": p for p in params if p.path[0] == "stages"})
+    keys.update({p.name: p for p in params})
+    return keys
+
+
+def parse_sets(recipe: Recipe, assignments: list[str], parameters_file: Path | None = None) -> dict[str, Any]:
+    """Run parameter values from a ``--parameters`` YAML file (``KEY: VALUE``), then from
+    ``--set`` arguments (``KEY=VALUE``), which win; KEY is a parameter's name
+    (``gptq_group_size``), ``STAGE.FIELD`` (``gptq.group_size``) or a recipe field
+    (``data.calibration.num_samples``)."""
+    keys = _by_key(recipe)
+    names = ", ".join(p.name for p in run_parameters(recipe))
     values: dict[str, Any] = {}
+    if parameters_file is not None:
+        if not parameters_file.is_file():
+            raise UserError.field("--parameters", str(parameters_file), "file not found")
+        data = untrusted_yaml.load(parameters_file, "--parameters")
+        if not isinstance(data, dict):
+            raise UserError.field("--parameters", str(parameters_file), "a mapping of run parameter: value")
+        for key, value in data.items():
+            param = keys.get(key) if isinstance(key, str) else None
+            if param is None:
+                raise UserError.field(f"--parameters {parameters_file}", key, f"not a run parameter of {recipe.name}; known: {names}")
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise UserError.field(f"--parameters {param.name}", value, f"must be {TYPE_NAMES[param.type]} (sets {param.field})")
+            values[param.name] = _parsed(param, str(value))
     for text in assignments:
         key, sep, raw = text.partition("=")
-        key = key.strip()
-        param = by_name.get(key) or by_field.get(key)
+        param = keys.get(key.strip())
         if not sep or param is None:
-            raise UserError.field("--set", text, f"KEY=VALUE with KEY one of {', '.join(by_name)} (or STAGE.FIELD)")
+            raise UserError.field("--set", text, f"KEY=VALUE with KEY one of {names} (or STAGE.FIELD)")
         values[param.name] = _parsed(param, raw.strip())
     return values
 

@@ -260,7 +260,8 @@ def run_command(args: Any) -> int:
             recipe = load_recipe_with_defaults(args.recipe, args.defaults)
             from llmpress.parameters import parse_sets
 
-            done = submit(recipe, conn, args.experiment, args.revision, args.service_account, args.wait, args.timeout, parse_sets(recipe, args.set))
+            values = parse_sets(recipe, args.set, args.parameters)
+            done = submit(recipe, conn, args.experiment, args.revision, args.service_account, args.wait, args.timeout, values)
             if done.created:
                 print(f"submitted: {done.name}\n{done.url}")
             else:  # a resync: the run this recipe content already has

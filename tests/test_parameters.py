@@ -187,3 +187,28 @@ def test_the_parameters_page_keeps_a_value_from_the_form_inside_its_cell(tmp_pat
     parameters_report(recipe.model_dump_json(exclude_unset=True), {"model_source": "x|`<img src=y>\n"}, str(tmp_path / "page.md"))
     (row,) = [line for line in (tmp_path / "page.md").read_text().splitlines() if line.startswith("| `model_source`")]
     assert row == "| `model_source` | `'x\\|'<img src=y>\\n'` (changed) | `'builtin:pydoc-llama-tiny'` | `model.source` |"
+
+
+def test_a_parameters_file_gives_values_and_set_wins(tmp_path):
+    from llmpress.parameters import parse_sets
+
+    path = tmp_path / "p.yaml"
+    path.write_text("gptq_group_size: 32\nwanda.sparsity: 0.4\nmodel_source: hf:org/m\n")
+    values = parse_sets(parse(THREE_STAGES), ["gptq_group_size=128"], path)
+    assert values == {"gptq_group_size": "128", "wanda_sparsity": 0.4, "model_source": "hf:org/m"}
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("gptq_group_size: [32]\n", "--parameters gptq_group_size: [32] — must be text (sets stages[2].group_size)"),
+    ("kd_steps: true\n", "--parameters kd_steps: True — must be an integer (sets stages[0].steps)"),
+    ("- gptq_group_size\n", "--parameters: '{path}' — a mapping of run parameter: value"),
+])
+def test_a_bad_parameters_file_is_one_line(tmp_path, text, line):
+    from llmpress.components.errors import UserError
+    from llmpress.parameters import parse_sets
+
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        parse_sets(parse(THREE_STAGES), [], path)
+    assert err.value.problems == [line.format(path=path)]

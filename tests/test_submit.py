@@ -337,3 +337,11 @@ def test_a_revision_run_is_once_per_effective_recipe(submit, kfp_server, gpu_rec
     assert [r.returncode for r in (plain, same, other)] == [0, 0, 0], plain.stderr + other.stderr
     assert same.stdout.startswith("already submitted: ") and other.stdout.startswith("submitted: ")
     assert len(kfp_server.runs) == 2
+
+
+def test_submit_parameters_file_sends_its_values(submit, kfp_server, gpu_recipe, tmp_path):
+    (tmp_path / "params.yaml").write_text("gptq_group_size: 64\nevaluation_samples: 12\n")
+    result = submit(gpu_recipe, kfp_server, "--parameters", str(tmp_path / "params.yaml"))
+    assert result.returncode == 0, result.stderr
+    (run,) = kfp_server.runs
+    assert run["runtime_config"]["parameters"] == {"gptq_group_size": "64", "evaluation_samples": 12}
