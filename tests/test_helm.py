@@ -252,3 +252,28 @@ def test_values_schema_is_a_valid_json_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
     jsonschema.validate(yaml.safe_load(GPU_VALUES.read_text()), schema)
+
+
+def test_gitops_submit_job_passes_each_recipes_run_parameters(gpu_manifests, tmp_path):
+    from llmpress.cluster import load_recipe_with_defaults
+    from llmpress.parameters import parse_sets
+
+    script = find(gpu_manifests, "Job", "rel-llmpress-submit")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert '--parameters "/etc/llmpress/parameters.${r#/etc/llmpress/recipe.}"' in script  # values stay in the file, never in the shell
+    data = find(gpu_manifests, "ConfigMap", "rel-llmpress-recipes")["data"]
+    assert yaml.safe_load(data["parameters.llama-gptq.yaml"]) == {"gptq_group_size": "64", "calibration_samples": 256}
+    assert yaml.safe_load(data["parameters.llama-gptq-eval-gpu.yaml"]) == {}
+    for name in ("recipe.llama-gptq.yaml", "parameters.llama-gptq.yaml", "defaults.yaml"):
+        (tmp_path / name).write_text(data[name])
+    recipe = load_recipe_with_defaults(tmp_path / "recipe.llama-gptq.yaml", tmp_path / "defaults.yaml")
+    assert parse_sets(recipe, [], tmp_path / "parameters.llama-gptq.yaml") == {"gptq_group_size": "64", "calibration_samples": 256}
+
+
+def test_gitops_parameters_of_a_recipe_that_does_not_exist_fail_the_render(helm):
+    result = template(helm, "-f", str(GPU_VALUES), "--set", "gitops.parameters.llama-gtpq.gptq_group_size=64")
+    assert result.returncode != 0 and "gitops.parameters.llama-gtpq: no recipe of that name in recipes" in result.stderr
+
+
+def test_gitops_parameters_take_only_plain_values(helm):
+    result = template(helm, "-f", str(GPU_VALUES), "--set-json", 'gitops.parameters={"llama-gptq": {"gptq_group_size": {"x": 1}}}')
+    assert result.returncode != 0 and "/gitops/parameters/llama-gptq/gptq_group_size': got object, want number or string" in result.stderr
