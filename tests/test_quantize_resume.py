@@ -114,7 +114,8 @@ def test_stage_killed_while_saving_reruns_without_calibrating(tiny_model_dir, tm
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_WHILE_SAVING), str(tiny_model_dir), str(out)],
                             env=os.environ, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [p.name for p in resume_root.iterdir()] and all(resume.completed(p) for p in resume_root.iterdir())
+    folders = [p for p in resume_root.iterdir() if p.is_dir()]
+    assert folders and all(resume.completed(p) for p in folders)
 
     def no_second_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
@@ -141,3 +142,32 @@ def test_changed_settings_calibrate_afresh(tiny_model_dir, tmp_path, resume_root
             resume.resume_key(tiny_model_dir, quantize.QuantizeConfig(scheme="fp8").model_dump(mode="json"), other_data, texts),
             resume.resume_key(tiny_model_dir, quantize.QuantizeConfig(scheme="fp8").model_dump(mode="json"), CALIBRATION.model_dump(mode="json"), texts[1:])}
     assert len(keys) == 4
+
+
+SAME_KEY_WRITER = """
+import sys
+from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.stages import quantize
+calibration = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
+quantize.run(sys.argv[1], sys.argv[2], quantize.QuantizeConfig(scheme="fp8", device="cpu"), calibration, load_texts(calibration),
+             resume_key="shared")
+"""
+
+
+def test_two_stages_with_one_key_at_once_both_write_the_same_complete_output(tiny_model_dir, tmp_path, resume_root):
+    import os
+
+    import torch
+
+    # a killed writer's half-written folder is there already: the lock says nobody owns it
+    stale = resume_root / "quantize-shared.partial"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    writers = [subprocess.Popen([sys.executable, "-c", SAME_KEY_WRITER, str(tiny_model_dir), str(tmp_path / name)], env=os.environ,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for writer in writers:
+        _, err = writer.communicate(timeout=600)
+        assert writer.returncode == 0, err[-2000:]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(resume_root.iterdir())  # the calibrated model, its lock and the stale half are gone

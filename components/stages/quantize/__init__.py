@@ -163,7 +163,7 @@ def _device(requested: str) -> str:
 
 def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str],
                        device: str, resumable: Path) -> dict[str, Any]:
-    record = resume.completed(resumable)
+    record = resume.reuse(resumable, out_dir)
     if record is not None:
         log.info("quantize: resuming from %s: calibrated by an earlier try, calibration skipped", resumable)
         record["resumed"] = 1
@@ -189,11 +189,10 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
                   "calibration_seq_len": calibration.seq_len, **grouped, "size_floor_bytes": floor, **extra,
                   "load_time_s": load_s, "calibrate_time_s": calibrate_s, "resumed": 0}
         phase = time.time()
-        resume.persist(model, tokenizer, resumable, record)
+        resume.persist(model, tokenizer, resumable, record, out_dir)
         record["persist_time_s"] = time.time() - phase
         del model
         _release(device)
-    resume.publish(resumable, out_dir)
     _write_report(out_dir, record.pop("report"))
     return record
 

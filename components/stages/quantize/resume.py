@@ -13,14 +13,24 @@ The key is the input model, the stage's settings and the calibration text; a rer
 with any of them changed calibrates afresh. The folder is removed once the stage
 succeeded. A kill while the tensors are being written loses them (nothing durable
 exists yet); llm-compressor gives no hook to persist a layer as soon as it is done.
+
+Two stages with the same key (two GitOps syncs racing, two users of one scratch volume)
+share the folder safely: an advisory lock on ``<key>.lock`` (flock; released by the
+kernel when a writer dies) is held exclusively while the folder is written or removed
+and shared while it is read, so a writer never meets another's half-written
+``.partial`` (a stale one, left by a killed writer, is removed under the lock) and a
+folder is never removed while another stage links its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,31 +63,67 @@ def completed(folder: Path) -> dict[str, Any] | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def persist(model: Any, tokenizer: Any, folder: Path, record: dict[str, Any]) -> None:
-    """Compress ``model`` in place (compressed-tensors, as llm-compressor's save does)
-    and write it with ``tokenizer`` and ``record`` as a complete model directory at
-    ``folder``."""
+@contextlib.contextmanager
+def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold the key's advisory lock (exclusive to write or remove, shared to read)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(folder.name + ".lock")
+    while True:
+        handle = open(path, "a+b")  # noqa: SIM115 (closed below or after the with-block's body)
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:  # discard() unlinks the file it locked: a lock on that old file protects nothing
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def reuse(folder: Path, out_dir: str | Path) -> dict[str, Any] | None:
+    """The record of the complete calibrated model at ``folder``, its files published into
+    ``out_dir``; None (nothing published) when there is none."""
+    if completed(folder) is None:  # the common case, without touching the lock
+        return None
+    with _locked(folder, exclusive=False):
+        record = completed(folder)
+        if record is not None:
+            publish(folder, out_dir)
+        return record
+
+
+def persist(model: Any, tokenizer: Any, folder: Path, record: dict[str, Any], out_dir: str | Path) -> None:
+    """Compress ``model`` in place (compressed-tensors, as llm-compressor's save does),
+    write it with ``tokenizer`` and ``record`` as a complete model directory at
+    ``folder`` and publish its files into ``out_dir``. When a concurrent stage with the
+    same key completed the folder first, its (identical) files are published instead."""
     from compressed_tensors.compressors import ModelCompressor
     from llmcompressor.transformers.compression.compressed_tensors_utils import _retie_embeddings, update_and_save_recipe
 
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model, skip_compressed=True)
-    # llm-compressor's save re-ties embeddings that calibration untied (a table saved once);
-    # private in 0.14, but the only way to match what its save_pretrained writes
-    _retie_embeddings(model)
-    write_tensors(model, partial)
-    model.config.save_pretrained(partial)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(partial)
-    compressor.update_config(str(partial))
-    update_and_save_recipe(model.name_or_path, str(partial))  # recipe.yaml: the modifiers that made it
-    tokenizer.save_pretrained(partial)
-    (partial / RECORD).write_text(json.dumps(record, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    with _locked(folder, exclusive=True):
+        if completed(folder) is None:
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a killed writer's: the lock says none is writing
+            partial.mkdir(parents=True)
+            compressor = ModelCompressor.from_pretrained_model(model)
+            compressor.compress_model(model, skip_compressed=True)
+            # llm-compressor's save re-ties embeddings that calibration untied (a table saved once);
+            # private in 0.14, but the only way to match what its save_pretrained writes
+            _retie_embeddings(model)
+            write_tensors(model, partial)
+            model.config.save_pretrained(partial)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(partial)
+            compressor.update_config(str(partial))
+            update_and_save_recipe(model.name_or_path, str(partial))  # recipe.yaml: the modifiers that made it
+            tokenizer.save_pretrained(partial)
+            (partial / RECORD).write_text(json.dumps(record, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete one (no record)
+            os.replace(partial, folder)
+        publish(folder, out_dir)
 
 
 def write_tensors(model: Any, dest: Path) -> None:
@@ -136,5 +182,8 @@ def publish(folder: Path, out_dir: str | Path) -> None:
 
 
 def discard(folder: Path) -> None:
-    """Forget a calibrated model once the stage that made it succeeded."""
-    shutil.rmtree(folder, ignore_errors=True)
+    """Forget a calibrated model once the stage that made it succeeded (not while another
+    stage with the same key is writing or publishing it)."""
+    with _locked(folder, exclusive=True):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.with_name(folder.name + ".lock").unlink()
