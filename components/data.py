@@ -127,3 +127,30 @@ def calibration_samples(spec: DataSpec, tokenizer: Any, texts: list[str], field:
     rng = random.Random(spec.seed)
     last = len(stream) - spec.seq_len
     return [stream[o : o + spec.seq_len] for o in (rng.randint(0, last) for _ in range(spec.num_samples))]
+
+
+def describe(spec: DataSpec, local_path: str | Path | None = None) -> dict[str, Any]:
+    """What a consumer of ``spec`` read, for the record: a name, a digest that changes
+    when the content or the way it is sampled changes, the source and the sampling
+    settings. The content is hashed from the builtin corpus or the file (``local_path``:
+    where an ``s3://`` source was downloaded); a hub dataset is named, not hashed."""
+    import hashlib
+
+    source = spec.source
+    content = hashlib.sha256()
+    if source.startswith("builtin:"):
+        content.update(pydoc_corpus(source.removeprefix("builtin:pydoc-")).encode())
+        name = source.removeprefix("builtin:")
+    elif source.startswith("hf:"):
+        content.update(source.encode())  # the hub's own revision is not known here
+        name = source.removeprefix("hf:").replace("/", "-")
+    else:
+        path = Path(local_path or source)
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                content.update(block)
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+    sampling = spec.model_dump(exclude={"source"})
+    digest = hashlib.sha256(content.hexdigest().encode() + json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:16]
+    hashed = None if source.startswith("hf:") else content.hexdigest()
+    return {"name": name, "digest": digest, "source": source, "profile": {**sampling, "content_sha256": hashed}}

@@ -29,14 +29,15 @@ from typing import Any
 import yaml
 from llmpress.components import artifacts, report, tracking
 from llmpress.components.artifacts.validation import TREE
-from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.data import DataSpec, describe, load_texts
 from llmpress.components.errors import UserError
-from llmpress.components.kubeflow import distill_step
+from llmpress.components.kubeflow import distill_step, model_records
 from llmpress.components.models.gguf import is_gguf
 from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_model
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage
+from llmpress.components.tracking import links, logged_models, system_metrics
 from llmpress.components.tracking.redaction import redacted
 
 log = logging.getLogger("llmpress")
@@ -222,7 +223,7 @@ def _open_parent(recipe: dict[str, Any]) -> str | None:
     revision = tracking.git_revision()
     parent = tracking.start_parent(
         recipe["tracking"]["experiment"], recipe["name"], params=recipe,
-        tags={"llmpress.recipe_hash": recipe_hash(recipe), "llmpress.recipe": recipe["name"], **_kfp_tags(),
+        tags={"llmpress.recipe_hash": recipe_hash(recipe), "llmpress.recipe": recipe["name"], **links.kfp_tags(), **_source_tags(recipe["name"], revision),
               **({"llmpress.git_revision": revision} if revision else {})},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,9 +232,12 @@ def _open_parent(recipe: dict[str, Any]) -> str | None:
     return parent
 
 
-def _kfp_tags() -> dict[str, str]:
-    run_id = os.environ.get("KFP_RUN_ID") or os.environ.get("KFP_POD_NAME")
-    return {"llmpress.kfp_run": run_id} if run_id else {}
+def _source_tags(recipe: str, revision: str | None = None) -> dict[str, str]:
+    """MLflow's Source column: what ran (the recipe's pipeline, in Kubeflow or locally) and its commit."""
+    where = f"kubeflow run {links.kfp_run_id()}" if links.kfp_run_id() else "llmpress run"
+    commit = (revision or "").removesuffix("-dirty")
+    return {"mlflow.source.type": "JOB", "mlflow.source.name": f"{where}: recipe {recipe}",
+            **({"mlflow.source.git.commit": commit} if len(commit) == 40 else {})}
 
 
 StageRunner = Callable[[str, str, dict[str, Any], DataSpec], dict[str, Any]]
@@ -308,7 +312,7 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
         raise UserError.field(f"stages.{stage['name']}.kind", stage["kind"], f"not built yet in this version; built: {', '.join(BUILT_KINDS)}")
     key = step_key(input_identity(model_in), stage_json, calibration_json, stages_json)
     run_id = tracking.start_run(context["experiment"], stage["name"], stage,
-                                tags={"llmpress.recipe": context["recipe"], "llmpress.step_key": key, **_kfp_tags()})
+                                tags={"llmpress.recipe": context["recipe"], "llmpress.step_key": key, **links.kfp_tags(), **_source_tags(context["recipe"])})
     start = time.time()
     log.info("stage %s (%s) started", stage["name"], stage["kind"])
     out = ModelOutput(model_out, context, stage["name"], key)
@@ -316,7 +320,8 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
         with model_input(model_in) as local_in:
             # _context: what a long stage needs of the step (distill logs per step and keeps checkpoints under storage)
             step_context = {"run_id": run_id, "storage": context.get("storage") or "", "recipe": {"name": context["recipe"], "hash": key}}
-            metrics = runner(local_in, out.path, {**stage, "_context": step_context}, DataSpec.model_validate_json(calibration_json))
+            with system_metrics.recording(run_id):
+                metrics = runner(local_in, out.path, {**stage, "_context": step_context}, DataSpec.model_validate_json(calibration_json))
         metrics.setdefault("wall_time_s", time.time() - start)
         model_uri = out.commit()
     except BaseException:
@@ -324,12 +329,23 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
         raise
     finally:
         out.discard()
-    tracking.log_metrics(run_id, metrics)
+    used = model_records.stage_dataset(stage, DataSpec.model_validate_json(calibration_json), metrics)
+    logged_models.log_datasets(run_id, [used] if used else [])
+    model_id = logged_models.log_model(run_id, context["experiment"], stage["name"], model_uri, stage["kind"], model_records.model_params(stage),
+                                       {"llmpress.recipe": context["recipe"], "llmpress.step_key": key})
+    tracking.log_metrics(run_id, metrics, model=model_id)
     tracking.finish(run_id)
     log.info("stage %s finished in %.1fs: %.2f MB, %.2f bits/parameter", stage["name"], metrics["wall_time_s"],
              metrics.get("size_bytes", 0) / 1e6, metrics.get("bits_per_parameter", 0))
-    chain["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri, "key": key})
+    chain["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri, "key": key,
+                            "model_id": model_id, "datasets": [used] if used else []})
     return json.dumps(chain), metrics
+
+
+def _model_location(model_dir: str) -> str:
+    """Where a step's input model lives: the URI its pointer names, or the folder."""
+    pointer = Path(model_dir) / POINTER
+    return read_pointer(pointer)["uri"] if pointer.is_file() else str(Path(model_dir).resolve())
 
 
 @user_errors_exit
@@ -348,7 +364,9 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, field
     baseline = evals["baseline"]["metrics"] if target != "baseline" else None
     with model_input(model_in) as local:
         metrics = evaluate_stage.run(local, config, data, texts, baseline=baseline, field=field)
-    record = {"target": target, "metrics": metrics, "config": json.loads(config_json)}
+    spec = config.data or DataSpec.model_validate_json(data_json)
+    record = {"target": target, "metrics": metrics, "config": json.loads(config_json), "model_uri": _model_location(model_in),
+              "dataset": logged_models.dataset_input(describe(spec, data.source if spec.source.startswith("s3://") else None), "evaluation")}
     if target == "baseline":
         evals["baseline"] = record
     else:
@@ -372,29 +390,36 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
     experiment = recipe["tracking"]["experiment"]
     parent = _open_parent(recipe)
 
-    def evaluation_run(name: str, evaluation: dict[str, Any]) -> str | None:
-        """The nested run of an evaluation that is not a stage's (the baseline, an evaluate stage)."""
+    def evaluation_run(name: str, evaluation: dict[str, Any], model_id: str | None) -> tuple[str | None, str | None]:
+        """The nested run of an evaluation that is not a stage's (the baseline, an evaluate
+        stage), and the logged model it measured (the baseline's is made here)."""
         run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment)
-        tracking.log_metrics(run_id, evaluation["metrics"])
+        if name == "baseline":
+            model_id = model_records.baseline_model(run_id, experiment, evaluation, recipe)
+        model_records.log_evaluation(run_id, evaluation, model_id)
         tracking.finish(run_id)
-        return run_id
+        return run_id, model_id
 
-    baseline_run = evaluation_run("baseline", evals["baseline"])
+    baseline_run, current_model = evaluation_run("baseline", evals["baseline"], None)
+    baseline_model = current_model
     records = []
     for stage in recipe["stages"]:
         name, evaluation = stage["name"], evaluated.get(stage["name"])
-        if stage["kind"] == "evaluate":
-            records.append({"name": name, "kind": "evaluate", "metrics": evaluation["metrics"], "run_id": evaluation_run(name, evaluation)})
+        if stage["kind"] == "evaluate":  # it measured the latest model
+            run_id, _ = evaluation_run(name, evaluation, current_model)
+            records.append({"name": name, "kind": "evaluate", "metrics": evaluation["metrics"], "run_id": run_id, "model_id": current_model})
             continue
         record = produced[name]
         run_id = tracking.attach(record["run_id"], parent, name)
-        if evaluation:  # the producing stage's own figures stay; the evaluation adds quality and ratios
-            tracking.log_metrics(run_id, evaluation["metrics"])
+        current_model = record.get("model_id")
+        # the producing stage's own figures stay; the evaluation adds quality and ratios
+        model_records.log_evaluation(run_id, evaluation, current_model)
         records.append({**record, "metrics": {**(evaluation or {}).get("metrics", {}), **record["metrics"]}, "run_id": run_id})
     results = {
         "recipe": {"name": recipe["name"], "hash": recipe_hash(recipe)},
-        "tracking": {"parent_run_id": parent, "experiment": experiment, "register_as": recipe["tracking"].get("register_as") or recipe["name"]},
-        "baseline": {"metrics": evals["baseline"]["metrics"], "run_id": baseline_run},
+        "tracking": {"parent_run_id": parent, "experiment": experiment, "register_as": recipe["tracking"].get("register_as") or recipe["name"],
+                     **model_records.urls(parent, experiment)},
+        "baseline": {"metrics": evals["baseline"]["metrics"], "run_id": baseline_run, "model_id": baseline_model},
         "stages": records,
     }
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
@@ -415,8 +440,10 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
             for path in written.values():
                 _log_named(parent, str(path), path.name)
             models = [s for s in records if s.get("model_uri")]
+            final_model = models[-1].get("model_id") if models else None
+            model_records.log_parent(parent, [d for s in records for d in s.get("datasets", [])] + model_records.evaluation_datasets(evals), final_model)
             if models:
-                tracking.register_model(results["tracking"]["register_as"], models[-1]["model_uri"], parent, models[-1]["metrics"])
+                tracking.register_model(results["tracking"]["register_as"], models[-1]["model_uri"], parent, models[-1]["metrics"], model=final_model)
             tracking.finish(parent)
     print(report.table(results), flush=True)
 

@@ -135,7 +135,7 @@ def markdown(results: dict[str, Any], plot: str | None = None, earlier: list[dic
     data: URI), then one table per stage."""
     title = results.get("recipe", {}).get("name", "llmpress run")
     head = headers(results)
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# {title}", "", *([where_to_look(results), ""] if link_targets(results) else []), "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
     if plot:
         lines += ["", f"![quality against size]({plot})", "", plot_note(results, earlier or [])]
@@ -146,6 +146,20 @@ def markdown(results: dict[str, Any], plot: str | None = None, earlier: list[dic
         if metrics.get("generation_sample"):
             lines += ["", "Generation sample (greedy):", "", *("> " + line for line in str(metrics["generation_sample"]).splitlines())]
     return "\n".join(lines) + "\n"
+
+
+LINKS = (("mlflow_run_url", "MLflow parent run"), ("mlflow_models_url", "MLflow models (compare)"), ("kfp_run_url", "Kubeflow run"))
+
+
+def link_targets(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, address) of the pages that show this run: MLflow's and Kubeflow's."""
+    found = results.get("tracking", {})
+    return [(label, found[key]) for key, label in LINKS if found.get(key)]
+
+
+def where_to_look(results: dict[str, Any]) -> str:
+    """The links as one Markdown line (the KFP UI shows the report step's Markdown)."""
+    return "Where to look: " + " · ".join(f"[{label}]({url})" for label, url in link_targets(results))
 
 
 def plot_note(results: dict[str, Any], earlier: list[dict[str, Any]]) -> str:

@@ -27,6 +27,9 @@ def html(results: dict[str, Any], plot_src: str | None, plot_note: str = "") -> 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)} — llmpress report</title><style>{STYLE}</style></head><body>"]
     parts.append(f"<h1>{esc(title)}</h1><p class='note'>recipe hash {esc(str(results.get('recipe', {}).get('hash', '—')))}; "
                  f"MLflow parent run {esc(str(results.get('tracking', {}).get('parent_run_id') or '—'))}</p>")
+    links = " · ".join(f"<a href='{esc(url, quote=True)}'>{esc(label)}</a>" for label, url in report.link_targets(results))
+    if links:
+        parts.append(f"<p class='note'>Where to look: {links}</p>")
     parts.append(_table(report.headers(results), report.rows(results)))
     if plot_src:
         parts.append(f"<p><img alt='quality against size' src='{plot_src}'></p><p class='note'>{esc(plot_note)}</p>")

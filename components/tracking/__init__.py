@@ -9,6 +9,10 @@ time, artifacts, status, model registration) to a spool (``tracking_spool.py``: 
 folder or an S3 prefix), in order. The next step that reaches the server, or
 ``llmpress sync SPOOL``, replays it. Runs created while offline get a placeholder id
 (``spool-…``) that the replay maps to the real one.
+
+MLflow 3's records around the runs (logged models, dataset inputs, metrics linked to a
+model and a dataset, system metrics) live beside this module: ``logged_models.py``,
+``system_metrics.py``, ``links.py``; they travel through the same spool.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from llmpress.components.tracking.redaction import redacted
 log = logging.getLogger("llmpress.tracking")
 
 PARENT_TAG = "mlflow.parentRunId"
+# what MLflow 3's UI reads to treat an experiment as model training (runs, models), not GenAI
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SPOOL_ENV = "LLMPRESS_TRACKING_SPOOL"
 PLACEHOLDER = "spool-"
 # MLflow refusing the record itself: replaying it would be refused again
@@ -120,7 +126,7 @@ def _submit(record: dict[str, Any], local_file: Path | None = None) -> str | Non
     if not enabled():
         return None
     record = {**record, "id": uuid.uuid4().hex}
-    refs = ("run", "parent", "source")
+    refs = ("run", "parent", "source", "model")
     unresolved = any(str(_resolve(record.get(k))).startswith(PLACEHOLDER) for k in refs if record.get(k))
     if not _state["offline"] and not unresolved:
         try:
@@ -143,9 +149,12 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
     op, run = record["op"], record.get("run")
     if op == "attach":
         return _attach(client, record)
+    if op in MODEL_OPS:
+        from llmpress.components.tracking import logged_models
+
+        return logged_models.apply(client, record)
     if op == "create_run":
-        found = client.get_experiment_by_name(record["experiment"])
-        experiment_id = found.experiment_id if found else client.create_experiment(record["experiment"])
+        experiment_id = experiment_for(client, record["experiment"])
         tags = {**record["tags"], **({PARENT_TAG: record["parent"]} if record.get("parent") else {})}
         if run and run.startswith(PLACEHOLDER):  # a replay: the same record never makes two runs
             tags["llmpress.spool_id"] = run
@@ -154,8 +163,10 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
                 return made
         return client.create_run(experiment_id, run_name=record["name"], tags=tags, start_time=record.get("time")).info.run_id
     if op == "log_batch":
+        dataset = record.get("dataset") or {}
         _log_batch(client, run, [Param(k, v) for k, v in record.get("params", {}).items()],
-                   [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])])
+                   [Metric(k, v, ts, step, model_id=record.get("model"), dataset_name=dataset.get("name"), dataset_digest=dataset.get("digest"))
+                    for k, v, ts, step in record.get("metrics", [])])
     elif op == "log_artifact":
         client.log_artifact(run, str(local_file))
     elif op == "terminate":
@@ -163,6 +174,21 @@ def apply(client: Any, record: dict[str, Any], local_file: Path | None = None) -
     elif op == "register":
         _register(client, record)
     return None
+
+
+MODEL_OPS = ("create_model", "log_inputs", "log_outputs")  # logged_models.py carries them out
+
+
+def experiment_for(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment when missing
+    (and marked as one when an earlier version of llmpress made it without the tag)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def _attach(client: Any, record: dict[str, Any]) -> str:
@@ -218,7 +244,13 @@ def _register(client: Any, record: dict[str, Any]) -> None:
     # looked up by our own id only: a name is never put into a filter ("it's" would break it)
     if any(v.name == record["name"] for v in client.search_model_versions(f"tags.`llmpress.spool_id` = '{spool_id}'")):
         return  # replayed twice: one version only
-    client.create_model_version(record["name"], record["source"], run_id=record["run"], tags={**record["tags"], "llmpress.spool_id": spool_id})
+    model = record.get("model")
+    if model is None:
+        client.create_model_version(record["name"], record["source"], run_id=record["run"], tags={**record["tags"], "llmpress.spool_id": spool_id})
+        return
+    from llmpress.components.tracking import logged_models
+
+    logged_models.register_version(client, record["name"], model, record["run"], {**record["tags"], "llmpress.spool_id": spool_id})
 
 
 def sync(spool: str | None = None) -> int:
@@ -274,11 +306,14 @@ def log_params(run_id: str | None, params: dict[str, Any]) -> None:
         _submit({"op": "log_batch", "run": run_id, "params": flatten(params)})
 
 
-def log_metrics(run_id: str | None, metrics: dict[str, Any], step: int = 0) -> None:
-    """Numeric values only; ``step`` orders a training curve."""
+def log_metrics(run_id: str | None, metrics: dict[str, Any], step: int = 0, model: str | None = None, dataset: dict[str, Any] | None = None) -> None:
+    """Numeric values only; ``step`` orders a training curve. ``model`` (a logged model's
+    id) and ``dataset`` (``{"name", "digest"}`` of a dataset input of the run) link the
+    values to what was measured on what: MLflow 3 shows them on the model."""
     items = [[k, float(v), _now(), step] for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
     if run_id and items:
-        _submit({"op": "log_batch", "run": run_id, "metrics": items})
+        links = {**({"model": model} if model else {}), **({"dataset": {"name": dataset["name"], "digest": dataset["digest"]}} if dataset else {})}
+        _submit({"op": "log_batch", "run": run_id, "metrics": items, **links})
 
 
 def log_artifact(run_id: str | None, path: str | Path) -> None:
@@ -291,12 +326,29 @@ def finish(run_id: str | None, status: str = "FINISHED") -> None:
         _submit({"op": "terminate", "run": run_id, "status": status, "time": _now()})
 
 
-def register_model(name: str, source: str, run_id: str | None, metrics: dict[str, Any]) -> None:
-    """A new version of ``name`` in the Model Registry, pointing at the model's
-    artifact (``source``), linked to the parent run, its metrics as tags."""
+def register_model(name: str, source: str, run_id: str | None, metrics: dict[str, Any], model: str | None = None) -> None:
+    """A new version of ``name`` in the Model Registry, linked to the parent run, its
+    metrics as tags. With ``model`` (a logged model's id) the version is made from that
+    logged model (source ``models:/<id>``, as MLflow's own "Register model" does) and
+    ``source`` is kept as its ``llmpress.model_uri`` tag; without, the version points
+    at ``source``, the model's artifact."""
     if run_id:
         tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        _submit({"op": "register", "run": run_id, "name": name, "source": source, "tags": tags})
+        if model:
+            tags["llmpress.model_uri"] = source
+        _submit({"op": "register", "run": run_id, "name": name, "source": source, "tags": tags, **({"model": model} if model else {})})
+
+
+def experiment_id(name: str) -> str | None:
+    """The id of experiment ``name``; None when tracking is off or MLflow is out of reach."""
+    if not enabled() or _state["offline"]:
+        return None
+    try:
+        found = _client().get_experiment_by_name(name)
+    except Exception as err:
+        _go_offline(err)
+        return None
+    return found.experiment_id if found else None
 
 
 def _now() -> int:

@@ -29,7 +29,7 @@ from llmpress.components.errors import UserError
 RECORDS = "records/"
 BLOBS = "blobs/"
 IDS = "ids.json"
-CREATES = ("create_run", "attach")  # records whose result is a run id (a placeholder while spooled)
+CREATES = ("create_run", "attach", "create_model")  # records whose result is an id (a placeholder while spooled)
 
 
 def write(spool: str, record: dict[str, Any], local_file: Path | None = None) -> None:
@@ -85,7 +85,7 @@ def replay(spool: str, apply: Callable[[dict[str, Any], Path | None], Any]) -> i
                 continue
             record = _checked(raw, store.describe(key))
             resolved = dict(record)
-            for field in ("parent", "source"):
+            for field in ("parent", "source", "model"):
                 if record.get(field):
                     resolved[field] = ids.get(record[field], record[field])
             if record.get("run") and record["op"] not in CREATES:  # a create keeps its placeholder: apply() looks it up
