@@ -142,6 +142,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     print()
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
+    where = results.get("tracking", {}).get("mlflow_experiment_url")
+    if where:  # what to open in MLflow (a local database needs `mlflow ui` first)
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        print(f"mlflow:  {where}" + (f"\n         (mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else ""))
     return 0
 
 

@@ -68,7 +68,8 @@ def urls(parent: str | None, experiment: str) -> dict[str, str]:
     found: dict[str, str] = {}
     experiment_id = tracking.experiment_id(experiment) if parent and not parent.startswith(tracking.PLACEHOLDER) else None
     if experiment_id:
-        found.update(mlflow_run_url=links.run_url(experiment_id, parent or ""), mlflow_models_url=links.models_url(experiment_id))
+        found.update(mlflow_run_url=links.run_url(experiment_id, parent or ""), mlflow_experiment_url=links.experiment_url(experiment_id),
+                     mlflow_models_url=links.models_url(experiment_id))
     if links.kfp_run_id():
         found["kfp_run_url"] = links.kfp_run_url(links.kfp_run_id() or "")
     return found

@@ -393,7 +393,7 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
     def evaluation_run(name: str, evaluation: dict[str, Any], model_id: str | None) -> tuple[str | None, str | None]:
         """The nested run of an evaluation that is not a stage's (the baseline, an evaluate
         stage), and the logged model it measured (the baseline's is made here)."""
-        run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment)
+        run_id = tracking.start_child(parent, name, {"evaluation": evaluation["config"]}, experiment, tags=_source_tags(recipe["name"]))
         if name == "baseline":
             model_id = model_records.baseline_model(run_id, experiment, evaluation, recipe)
         model_records.log_evaluation(run_id, evaluation, model_id)
@@ -412,6 +412,7 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
         record = produced[name]
         run_id = tracking.attach(record["run_id"], parent, name)
         current_model = record.get("model_id")
+        logged_models.log_datasets(run_id, record.get("datasets", []))  # a copy of a cached stage's run lacks them
         # the producing stage's own figures stay; the evaluation adds quality and ratios
         model_records.log_evaluation(run_id, evaluation, current_model)
         records.append({**record, "metrics": {**(evaluation or {}).get("metrics", {}), **record["metrics"]}, "run_id": run_id})

@@ -148,7 +148,8 @@ def markdown(results: dict[str, Any], plot: str | None = None, earlier: list[dic
     return "\n".join(lines) + "\n"
 
 
-LINKS = (("mlflow_run_url", "MLflow parent run"), ("mlflow_models_url", "MLflow models (compare)"), ("kfp_run_url", "Kubeflow run"))
+LINKS = (("mlflow_run_url", "MLflow parent run"), ("mlflow_experiment_url", "MLflow runs"), ("mlflow_models_url", "MLflow models (compare)"),
+         ("kfp_run_url", "Kubeflow run"))
 
 
 def link_targets(results: dict[str, Any]) -> list[tuple[str, str]]:

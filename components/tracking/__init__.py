@@ -270,7 +270,7 @@ def start_parent(experiment: str, run_name: str, params: dict[str, Any], tags: d
     return start_run(experiment, run_name, params, tags)
 
 
-def start_child(parent_id: str | None, name: str, params: dict[str, Any], experiment: str | None = None) -> str | None:
+def start_child(parent_id: str | None, name: str, params: dict[str, Any], experiment: str | None = None, tags: dict[str, str] | None = None) -> str | None:
     """Open a stage's run nested under the parent (in the parent's experiment)."""
     if not parent_id or not enabled():
         return None
@@ -279,7 +279,7 @@ def start_child(parent_id: str | None, name: str, params: dict[str, Any], experi
             experiment = _client().get_experiment(_client().get_run(parent_id).info.experiment_id).name
         except Exception as err:
             _go_offline(err)
-    return start_run(experiment or "llmpress", name, params, {}, parent=parent_id)
+    return start_run(experiment or "llmpress", name, params, tags or {}, parent=parent_id)
 
 
 def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str], parent: str | None = None) -> str | None:

@@ -50,8 +50,9 @@ def models_url(experiment_id: str) -> str:
     return f"{mlflow_ui()}/#/experiments/{quote(experiment_id)}/models?{MODEL_TRAINING}"
 
 
-def runs_url(experiment_id: str) -> str:
-    return f"{mlflow_ui()}/#/experiments/{quote(experiment_id)}/runs?{MODEL_TRAINING}"
+def experiment_url(experiment_id: str) -> str:
+    """The experiment, opening on its runs."""
+    return f"{mlflow_ui()}/#/experiments/{quote(experiment_id)}?{MODEL_TRAINING}"
 
 
 def kfp_run_id() -> str | None:

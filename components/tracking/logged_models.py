@@ -16,6 +16,7 @@ Every record goes through the tracking spool like the runs' own.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 from llmpress.components import tracking
@@ -61,7 +62,9 @@ def dataset_input(description: dict[str, Any], context: str) -> dict[str, Any]:
     if uri.startswith(("builtin:", "hf:")):  # no file behind it: data defined by name
         source: Any = CodeDatasetSource(tags={"llmpress.source": uri})
     else:
-        source = resolve_dataset_source(uri)  # s3:// and local paths: MLflow's artifact sources
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two registrations of the same local source
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)  # s3:// and local paths: MLflow's artifact sources
     entity = MetaDataset(source, name=description["name"], digest=description["digest"])._to_mlflow_entity()
     return {"name": entity.name, "digest": entity.digest, "source_type": entity.source_type, "source": entity.source,
             "profile": json.dumps(description.get("profile") or {}, sort_keys=True), "context": context}
