@@ -167,6 +167,8 @@ def _sync(where: str) -> int:
     waiting = tracking_spool.pending(spool)
     try:
         applied = tracking.sync(spool)
+    except UserError:  # a record that is not what llmpress writes: one line, exit 2, the rest stay
+        raise
     except Exception as err:  # the server is still away: nothing is lost, the records stay
         print(f"llmpress: error: replayed {waiting - tracking_spool.pending(spool)} of {waiting} records; "
               f"MLflow failed ({type(err).__name__}: {str(err)[:160]}); run sync again", file=sys.stderr)

@@ -176,3 +176,12 @@ def test_the_report_links_to_the_mlflow_run_its_models_and_the_kubeflow_run(monk
     assert "[MLflow parent run](https://mlflow.example.com/#/experiments/7/runs/abc?workflowType=machine_learning)" in text
     assert "[MLflow models (compare)](https://mlflow.example.com/#/experiments/7/models?workflowType=machine_learning)" in text
     assert "[Kubeflow run](/#/runs/details/k1)" in text
+
+
+def test_a_malformed_logged_model_record_in_the_spool_is_one_line_not_a_replay(server, tmp_path):
+    spool = str(tmp_path / "spool")
+    tracking_spool.write(spool, {"op": "create_model", "id": "f" * 32, "run": tracking.PLACEHOLDER + "0" * 32, "source": "r", "experiment": "t3-bad",
+                                 "name": "x' or name != '", "model_uri": "s3://b/m", "kind": "llmpress/quantize", "params": {}, "tags": {}})
+    result = run_cli("sync", spool, env={**os.environ, "MLFLOW_TRACKING_URI": server.url})
+    assert result.returncode == 2 and "(create_model): name malformed" in result.stderr + result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and tracking_spool.pending(spool) == 1

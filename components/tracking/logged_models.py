@@ -16,10 +16,12 @@ Every record goes through the tracking spool like the runs' own.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from typing import Any
 
 from llmpress.components import tracking
+from llmpress.components.errors import UserError
 
 MODEL_URI_TAG = "llmpress.model_uri"
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag on a dataset input: what the run used it for
@@ -70,8 +72,28 @@ def dataset_input(description: dict[str, Any], context: str) -> dict[str, Any]:
             "profile": json.dumps(description.get("profile") or {}, sort_keys=True), "context": context}
 
 
+SHAPES = {  # what each record must hold: a spool may sit on a bucket others can write
+    "create_model": {"source": str, "experiment": str, "name": str, "model_uri": str, "kind": str, "params": dict, "tags": dict},
+    "log_inputs": {"run": str, "datasets": list},
+    "log_outputs": {"run": str, "model": str},
+}
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "context")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # stage names and "baseline"; it goes into a filter string
+
+
+def _check(record: dict[str, Any]) -> None:
+    wrong = [k for k, kind in SHAPES.get(record["op"], {}).items() if not isinstance(record.get(k), kind)]
+    if record["op"] == "create_model" and not wrong and not NAME.fullmatch(record["name"]):
+        wrong = ["name"]
+    if record["op"] == "log_inputs" and not wrong:
+        wrong = ["datasets"] if not all(isinstance(d, dict) and all(isinstance(d.get(f), str) for f in DATASET_FIELDS) for d in record["datasets"]) else []
+    if wrong:
+        raise UserError(f"spool record {record.get('id')!r} ({record['op']}): {', '.join(wrong)} malformed; remove it to replay the rest")
+
+
 def apply(client: Any, record: dict[str, Any]) -> Any:
     """Carry out one of this module's records against MLflow (live and in a replay)."""
+    _check(record)
     if record["op"] == "create_model":
         return _create_model(client, record)
     if record["op"] == "log_inputs":
@@ -105,8 +127,8 @@ def _create_model(client: Any, record: dict[str, Any]) -> str:
 
 
 def _model_of(client: Any, experiment_id: str, name: str, model_uri: str) -> Any:
-    """The logged model already made for this artifact, if any (names are stage names:
-    letters, digits and '-', safe inside MLflow's filter)."""
+    """The logged model already made for this artifact, if any (``name`` was checked
+    against NAME: safe inside MLflow's filter)."""
     token = None
     while True:
         page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", max_results=100, page_token=token)
