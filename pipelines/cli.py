@@ -146,7 +146,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if where:  # what to open in MLflow (a local database needs `mlflow ui` first)
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         print(f"mlflow:  {where}" + (f"\n         (mlflow ui --backend-store-uri {uri})" if uri.startswith("sqlite:") else ""))
+    if "search" in results:
+        return _search_outcome(results["search"], out_dir)
     return 0
+
+
+def _search_outcome(search: dict, out_dir: Path) -> int:
+    """The search's verdict: the winner and its recipe file (exit 0), or which constraint
+    the closest candidate missed and by how much (exit 1)."""
+    from llmpress.components.kubeflow.search_steps import verdict_line
+    from llmpress.local import WINNER_RECIPE
+
+    print(verdict_line(search))
+    if search["winner"]:
+        print(f"winner recipe: {out_dir / WINNER_RECIPE}")
+        return 0
+    print(f"llmpress: search: nothing meets the budget; closest {search['closest']}: {'; '.join(search['failed'])}", file=sys.stderr)
+    return 1
 
 
 def _sync(where: str) -> int:

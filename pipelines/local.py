@@ -37,6 +37,7 @@ class StageFailed(Exception):
         self.user_error = user_error
 
 
+WINNER_RECIPE = "winner.yaml"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP_DONE = re.compile(r"Task '([^']+)' finished with status (\w+)")
 
@@ -141,4 +142,7 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool 
     if not unchanged:  # a fully cached rerun has nothing new to report (and skips MLflow and matplotlib)
         results_file.write_text(text)
         report.write_report(results, out_dir)  # report.md, report.html and the plot
+    winner = (results.get("search") or {}).get("winner_recipe")
+    if winner:  # a search's winner as a plain recipe beside the results, to rerun or commit
+        (out_dir / WINNER_RECIPE).write_text(winner)
     return results

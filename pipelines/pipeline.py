@@ -59,13 +59,18 @@ def build_pipeline(recipe: Recipe) -> Any:
         if stage.kind not in steps.BUILT_KINDS:
             raise UserError.field(f"stages[{i}].kind", stage.kind, f"not built yet in this version; built: {', '.join(steps.BUILT_KINDS)}")
     # GPU steps get the CUDA image, the rest the slim CPU one; `image` overrides both.
-    gpu_ops = kubeflow.build(recipe.image or recipe.cluster.gpu_image or default_image("cuda"))
-    cpu_ops = kubeflow.build(recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
+    images = {"gpu": recipe.image or recipe.cluster.gpu_image or default_image("cuda"), "cpu": recipe.image or recipe.cluster.cpu_image or default_image("cpu")}
+    gpu_ops, cpu_ops = kubeflow.build(images["gpu"]), kubeflow.build(images["cpu"])
 
     def place(task: Any, resources: Resources) -> Any:
         apply_resources(task, resources)
         apply_cluster(task, recipe.cluster)
         return task
+
+    if recipe.search is not None:
+        from llmpress.search_pipeline import build_search_pipeline
+
+        return build_search_pipeline(recipe, images, place)
     recipe_json = recipe.model_dump_json()
     # what every step knows of the recipe; each step gets only the settings it uses, so
     # that editing one stage reruns that stage and what follows it, nothing before

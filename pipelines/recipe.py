@@ -21,6 +21,7 @@ from llmpress.components.stages.distill import DistillConfig
 from llmpress.components.stages.evaluate import EvaluateConfig
 from llmpress.components.stages.prune import PruneConfig
 from llmpress.components.stages.quantize import QuantizeConfig
+from llmpress.search import Candidate, Search, candidates, expand_options
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
@@ -142,7 +143,8 @@ class Recipe(Strict):
     model: ModelSpec
     teacher: ModelSpec | None = None
     data: Data = Field(default_factory=Data)
-    stages: list[Stage] = Field(min_length=1, max_length=32)
+    stages: list[Stage] = Field(default_factory=list, min_length=1, max_length=32, description="the chain to run; with a search, its space builds the chains")
+    search: Search | None = Field(None, description="the best chain under a budget, searched over a space of stages (pipelines/search.py)")
     evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Tracking = Field(default_factory=Tracking)
     storage: Storage = Field(default_factory=Storage)
@@ -151,7 +153,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
-        problems = []
+        problems = self._search_problems()
         seen: set[str] = set()
         quantized_by: str | None = None
         for i, stage in enumerate(self.stages):
@@ -170,13 +172,51 @@ class Recipe(Strict):
                 problems.append(f"{where}.resources.nodes: {stage.resources.nodes} — only a distill stage spans nodes, and it needs "
                                 "resources.scratch.pvc (a ReadWriteMany claim that every node mounts)")
         # a distill stage with alpha 0 and its own student (plain fine-tuning: qlora, qat) needs no teacher
-        if any(s.kind == "distill" and (s.alpha > 0 or s.student.source == "teacher") for s in self.stages) and self.teacher is None:
+        stages = self.stages + [s for _, chain in self.search_candidates() for s in chain] if self.search and not problems else self.stages
+        if any(s.kind == "distill" and (s.alpha > 0 or s.student.source == "teacher") for s in stages) and self.teacher is None:
             problems.append("teacher: missing — a distill stage needs a teacher model")
-        if self.teacher is not None and not any(s.kind == "distill" for s in self.stages):
+        if self.teacher is not None and not any(s.kind == "distill" for s in stages):
             problems.append("teacher: given — no distill stage uses it; add a distill stage or drop teacher")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _search_problems(self) -> list[str]:
+        """A search replaces ``stages``; each option of its space must be a valid stage."""
+        if self.search is None:
+            return [] if self.stages else ["stages: missing — required (a list of stages, or a search block)"]
+        if self.stages:
+            return ["stages: given with a search — the search's space builds every candidate's stages; drop stages or search"]
+        axes, problems = expand_options(self.search)
+        for options in axes.values():
+            for where, option in options:
+                if option is None:
+                    continue
+                try:
+                    STAGE_TYPES[option["kind"]].model_validate({"name": "probe", **option})
+                except ValidationError as err:
+                    for e in err.errors(include_url=False):
+                        path = f"{where}.{'.'.join(str(p) for p in e['loc'])}"
+                        line = f"{path}: {short(e.get('input'))} — {e['msg'].removeprefix('Value error, ')}"
+                        if e["type"] == "extra_forbidden":
+                            line = f"{path}: unknown key — allowed keys: {', '.join(STAGE_TYPES[option['kind']].model_fields)}, grid"
+                        if line not in problems:
+                            problems.append(line)
+        if not problems:
+            found = candidates(self.search, axes)
+            if not found:
+                problems.append("search.space: no candidate — give at least one stage option (prune, distill, quantize or mixed_precision)")
+            elif len(found) > self.search.max_candidates:
+                problems.append(f"search.space: {len(found)} candidates — at most search.max_candidates ({self.search.max_candidates}); "
+                                "shrink the space or raise it")
+        return problems
+
+    def search_candidates(self) -> list[tuple[Candidate, list[Any]]]:
+        """Every candidate of the search with its stages typed as the recipe's stages are."""
+        if self.search is None:
+            return []
+        axes, _ = expand_options(self.search)
+        return [(c, [STAGE_TYPES[s["kind"]].model_validate(s) for s in c.stages]) for c in candidates(self.search, axes)]
 
     def stage_json(self, stage: Any) -> str:
         """A stage's config as the JSON a component receives (resources stay here, but a

@@ -199,6 +199,12 @@ def write_report(results: dict[str, Any], folder: str | Path, earlier: list[dict
     report_plot.quality_vs_size(results, earlier, paths["plot"])
     paths["markdown"].write_text(markdown(results, PLOT_NAME, earlier))
     paths["html"].write_text(report_html.html(results, data_uri(paths["plot"]), plot_note(results, earlier)))
+    if "search" in results:  # a search's run: its candidates, front and winner after the usual tables
+        from llmpress.components.report import search as search_report
+
+        paths["front"] = search_report.front_plot(results, folder / search_report.FRONT_PLOT)
+        with paths["markdown"].open("a") as md:
+            md.write(search_report.markdown(results, search_report.FRONT_PLOT))
     return paths
 
 
