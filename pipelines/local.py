@@ -142,7 +142,10 @@ def run_local(recipe: Recipe, out_dir: Path, verbose: bool = False, cache: bool 
     if not unchanged:  # a fully cached rerun has nothing new to report (and skips MLflow and matplotlib)
         results_file.write_text(text)
         report.write_report(results, out_dir)  # report.md, report.html and the plot
-    winner = (results.get("search") or {}).get("winner_recipe")
-    if winner:  # a search's winner as a plain recipe beside the results, to rerun or commit
-        (out_dir / WINNER_RECIPE).write_text(winner)
+    if "search" in results:  # a search's winner as a plain recipe beside the results, to rerun or commit
+        winner = results["search"].get("winner_recipe")
+        if winner:
+            (out_dir / WINNER_RECIPE).write_text(winner)
+        else:  # an earlier search's winner must not pass for this one's
+            (out_dir / WINNER_RECIPE).unlink(missing_ok=True)
     return results

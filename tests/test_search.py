@@ -1,0 +1,227 @@
+"""The search block: budget parsing and refusal lines, candidate expansion, the compiled
+pipeline's fan-out, parallelism and shared prefixes, and the decisions (front, screening,
+winner, nothing meeting the budget). The end-to-end runs are in test_search_run.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import run_cli, tiny_recipe
+from llmpress.cli import main
+from llmpress.components.report import search as search_report
+from llmpress.recipe import parse_recipe
+from llmpress.search import Budget
+
+SPACE = {
+    "prune": ["none", {"method": "magnitude", "sparsity": 0.5}],
+    "quantize": [{"scheme": "gptq-w4a16", "grid": {"group_size": [32, 64]}}, {"scheme": "nf4"}],
+}
+
+
+def search_recipe(**search):
+    block = {"budget": {"size_ratio": 0.5, "perplexity_ratio": 1.2}, "space": SPACE, **search}
+    recipe = tiny_recipe(name="tiny-search", search=block)
+    del recipe["stages"]
+    return recipe
+
+
+@pytest.mark.parametrize("text, expected", [("4GB", 4 * 10**9), ("300MiB", 300 * 2**20), ("2.5 GB", 2_500_000_000), (123456, 123456)])
+def test_budget_size_takes_bytes_or_a_size_with_units(text, expected):
+    assert Budget(size_bytes=text).size_bytes == expected
+
+
+def budget(**limits):
+    return search_recipe(budget=limits)
+
+
+BROKEN = {  # case id: (recipe, text the single error line must contain)
+    "empty-budget": (budget(), "search.budget: {} — a budget needs at least one of size_bytes, size_ratio, perplexity_ratio"),
+    "size-without-unit-sense": (budget(size_bytes="4 gigs"), "search.budget.size_bytes: '4 gigs' — a number of bytes or a size such as '4GB'"),
+    "size-ratio-above-one": (budget(size_ratio=1.5), "search.budget.size_ratio: 1.5 — Input should be less than or equal to 1"),
+    "unknown-budget-key": (budget(memory=3), "search.budget.memory: unknown key — allowed keys: size_bytes, size_ratio, perplexity_ratio"),
+    "bad-option-field": (search_recipe(space={"quantize": [{"scheme": "gptq-w4a16", "grid": {"group_size": [32, 100]}}]}),
+                         "search.space.quantize[0].group_size: 100 — allowed: 32, 64, 128, 256, or -1"),
+    "unknown-option-key": (search_recipe(space={"prune": [{"method": "wanda", "bits": 3}]}), "search.space.prune[0].bits: unknown key — allowed keys:"),
+    "kind-in-option": (search_recipe(space={"quantize": [{"kind": "prune", "scheme": "nf4"}]}), "search.space.quantize[0].kind: 'prune' — set by the axis"),
+    "grid-not-lists": (search_recipe(space={"quantize": [{"scheme": "gptq-w4a16", "grid": {"group_size": 32}}]}),
+                       "search.space.quantize[0].grid: {'group_size': 32} — a mapping of field to a non-empty list of values"),
+    "mixed-without-size-ratio": (search_recipe(budget={"perplexity_ratio": 1.1}, space={"mixed_precision": [{"scheme": "nf4"}]}),
+                                 "search.space.mixed_precision[0]: mixed_precision — needs search.budget.size_ratio"),
+    "empty-space": (search_recipe(space={"prune": ["none"]}), "search.space: no candidate"),
+    "too-many-candidates": (search_recipe(max_candidates=3), "search.space: 6 candidates — at most search.max_candidates (3)"),
+    "zero-parallelism": (search_recipe(parallelism=0), "search.parallelism: 0 — Input should be greater than or equal to 1"),
+    "stages-and-search": ({**search_recipe(), "stages": [{"name": "q", "kind": "quantize", "scheme": "nf4"}]}, "stages: given with a search"),
+    "neither-stages-nor-search": ({k: v for k, v in tiny_recipe().items() if k != "stages"},
+                                 "stages: missing — required (a list of stages, or a search block)"),
+    "unknown-objective": (search_recipe(objective="speed"), "search.objective: 'speed' — Input should be 'perplexity' or 'size'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_search_gets_one_clear_line_and_exit_2(case, write_recipe, capsys):
+    recipe, expected = BROKEN[case]
+    code = main(["validate", str(write_recipe(copy.deepcopy(recipe)))])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+
+
+def test_a_search_recipe_validates(write_recipe, capsys):
+    assert main(["validate", str(write_recipe(search_recipe()))]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+
+
+def test_space_expands_to_every_chain_with_named_shared_stages():
+    recipe = parse_recipe(search_recipe())
+    found = [(c.name, c.label) for c, _ in recipe.search_candidates()]
+    assert found == [
+        ("c1", "gptq-w4a16-g32"), ("c2", "gptq-w4a16-g64"), ("c3", "nf4"),
+        ("c4", "magnitude-50 → gptq-w4a16-g32"), ("c5", "magnitude-50 → gptq-w4a16-g64"), ("c6", "magnitude-50 → nf4"),
+    ]
+    _, stages = recipe.search_candidates()[3]
+    assert [s.kind for s in stages] == ["prune", "quantize"] and stages[1].group_size == 32
+
+
+def test_mixed_precision_options_take_their_bits_from_the_size_budget():
+    recipe = parse_recipe(search_recipe(space={"mixed_precision": [{"scheme": "nf4", "fill": [1.0, 0.5]}]}))
+    budgets = [stages[0].auto_ignore.budget for _, stages in recipe.search_candidates()]
+    assert budgets == [0.5 * 16, 0.25 * 16]
+
+
+def compiled(write_recipe, tmp_path, recipe):
+    out = tmp_path / "search.yaml"
+    result = run_cli("compile", str(write_recipe(recipe)), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return list(yaml.safe_load_all(out.read_text()))
+
+
+@pytest.fixture(scope="module")
+def search_ir(tmp_path_factory):
+    """The compiled IR of the six-candidate search with parallelism 2 and a GPU option."""
+    tmp = tmp_path_factory.mktemp("ir")
+    space = copy.deepcopy(SPACE)
+    space["quantize"][1]["resources"] = {"gpus": 1, "node_selector": {"pool": "l4"}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(search_recipe(parallelism=2, space=space)))
+    out = tmp / "search.yaml"
+    result = run_cli("compile", str(path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return list(yaml.safe_load_all(out.read_text()))
+
+
+def tasks(ir, prefix):
+    dag = ir[0]["root"]["dag"]["tasks"]
+    return {name: task for name, task in dag.items() if name.startswith(prefix)}
+
+
+def stage_of(task):
+    return json.loads(task["inputs"]["parameters"]["stage_json"]["runtimeValue"]["constant"])
+
+
+def test_compiled_search_runs_a_shared_prefix_once(search_ir):
+    stages = tasks(search_ir, "run-stage")
+    # 3 quantize options on the base model + 1 prune + 3 quantize options on the pruned model
+    assert len(stages) == 7
+    pruned = [name for name, t in stages.items() if stage_of(t)["kind"] == "prune"]
+    assert len(pruned) == 1
+    fed_by_prune = [t for t in stages.values() if t["inputs"]["artifacts"]["model"].get("taskOutputArtifact", {}).get("producerTask") == pruned[0]]
+    assert sorted(stage_of(t)["name"] for t in fed_by_prune) == ["gptq-w4a16-g32", "gptq-w4a16-g64", "nf4"]
+
+
+def test_compiled_search_keeps_at_most_parallelism_model_steps_running(search_ir):
+    stages = tasks(search_ir, "run-stage")
+    order = sorted(stages, key=lambda n: int(n.rsplit("-", 1)[1]) if n[-1].isdigit() else 1)
+    assert len(order) == 7
+    for i, name in enumerate(order):
+        waits_for = set(stages[name].get("dependentTasks", [])) & set(stages)
+        data_parent = stages[name]["inputs"]["artifacts"]["model"].get("taskOutputArtifact", {}).get("producerTask")
+        # lane of two: each step after the first two waits for the step two before it
+        assert (waits_for - {data_parent}) == ({order[i - 2]} if i >= 2 else set()) - {data_parent}, name
+        if i >= 2:
+            assert order[i - 2] in waits_for
+
+
+def test_compiled_search_evaluates_each_candidate_twice_and_selects_between(search_ir):
+    evals = tasks(search_ir, "evaluate-candidate")
+    assert len(evals) == 12  # screening and full evaluation of six candidates
+    select = tasks(search_ir, "select-candidates")
+    assert len(select) == 1
+    gated = [t for t in evals.values() if "taskOutputParameter" in t["inputs"]["parameters"]["decision"]]
+    assert len(gated) == 6 and all(t["inputs"]["parameters"]["decision"]["taskOutputParameter"]["producerTask"] in select for t in gated)
+    assert len(tasks(search_ir, "finish-search")) == 1
+
+
+def test_compiled_search_puts_each_option_on_its_own_node_pool(search_ir):
+    executors = search_ir[0]["deploymentSpec"]["executors"]
+    platform = search_ir[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    nf4 = [name for name, t in tasks(search_ir, "run-stage").items() if stage_of(t)["name"] == "nf4"]
+    assert len(nf4) == 2
+    for name in nf4:
+        executor = search_ir[0]["root"]["dag"]["tasks"][name]["componentRef"]["name"].replace("comp-", "exec-")
+        assert executors[executor]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+        assert platform[executor]["nodeSelector"]["labels"] == {"pool": "l4"}
+
+
+def test_without_screening_every_candidate_is_evaluated_once(write_recipe, tmp_path):
+    ir = compiled(write_recipe, tmp_path, search_recipe(screen=None))
+    assert len(tasks(ir, "evaluate-candidate")) == 6
+    assert tasks(ir, "select-candidates") == {}
+
+
+# --- the decisions ---------------------------------------------------------------------
+
+def candidate(name, size, ppl, size_ratio=None, ppl_ratio=None, **more):
+    return {"name": name, "metrics": {"size_bytes": size, "perplexity": ppl, "size_bytes_ratio": size_ratio or size / 100,
+                                      "perplexity_ratio": ppl_ratio or ppl / 10, **more}}
+
+
+def test_pareto_front_keeps_what_nothing_beats_on_size_and_perplexity():
+    points = {"a": (40, 11.0), "b": (50, 10.5), "c": (50, 12.0), "d": (30, 13.0), "e": (60, 10.5)}
+    assert search_report.pareto(points) == ["d", "a", "b"]
+
+
+def test_screening_keeps_candidates_within_the_margin_of_the_front():
+    screened = [candidate("a", 40, 11.0), candidate("b", 40, 11.3), candidate("c", 45, 12.0)]
+    decision = search_report.screen_decision(screened, {"size_ratio": 0.5}, margin=0.05)
+    assert decision["full"] == ["a", "b"]  # b is 2.7% worse: still possibly on the front
+    assert "dominated" in decision["dropped"]["c"]
+
+
+def test_screening_keeps_every_feasible_candidate_when_the_budget_limits_speed():
+    screened = [candidate("a", 40, 11.0), candidate("c", 45, 12.0), candidate("big", 90, 12.5)]
+    decision = search_report.screen_decision(screened, {"size_ratio": 0.5, "latency_ratio": 1.0}, margin=0.05)
+    assert decision["full"] == ["a", "c"]
+    assert "size_ratio 0.9 > 0.5" in decision["dropped"]["big"]
+
+
+def test_winner_is_the_best_candidate_meeting_every_constraint():
+    evaluated = [candidate("small", 30, 13.0), candidate("good", 45, 10.5), candidate("big", 80, 10.1)]
+    assert search_report.pick_winner(evaluated, {"size_ratio": 0.5}, "perplexity")["winner"] == "good"
+    assert search_report.pick_winner(evaluated, {"perplexity_ratio": 1.1}, "size")["winner"] == "good"
+
+
+def test_nothing_meeting_the_budget_names_the_constraint_and_the_miss():
+    evaluated = [candidate("a", 60, 11.0), candidate("b", 45, 13.0)]
+    verdict = search_report.pick_winner(evaluated, {"size_ratio": 0.5, "perplexity_ratio": 1.2}, "perplexity")
+    # b misses perplexity by 8.3%, a misses size by 20%: b is the closer
+    assert verdict["winner"] is None and verdict["closest"] == "b"
+    assert verdict["failed"] == ["perplexity_ratio 1.3 > 1.2 (8.3% over)"]
+
+
+def test_a_constraint_the_evaluation_did_not_measure_is_not_met():
+    misses = search_report.violations({"size_bytes": 10, "perplexity_ratio": 1.0}, {"accuracy_recovery": 0.98})
+    assert misses[0]["value"] is None
+    assert "not measured" in search_report.describe(misses[0])
+
+
+def test_speed_and_accuracy_constraints_read_the_matching_figures():
+    metrics = {"decode_ms_per_token.b1.in128.out32_ratio": 0.8, "decode_ms_per_token.b8.in128.out32_ratio": 0.9,
+               "throughput_tok_s.b1.in128.out32_ratio": 1.1, "throughput_tok_s.b8.in128.out32_ratio": 1.3,
+               "task.pydoc_cloze.acc_ratio": 0.97, "task.other.acc_ratio": 0.99}
+    assert search_report.constraint_value(metrics, "latency_ratio") == 0.8
+    assert search_report.constraint_value(metrics, "throughput_ratio") == 1.3
+    assert search_report.constraint_value(metrics, "accuracy_recovery") == 0.97
