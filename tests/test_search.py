@@ -225,3 +225,40 @@ def test_speed_and_accuracy_constraints_read_the_matching_figures():
     assert search_report.constraint_value(metrics, "latency_ratio") == 0.8
     assert search_report.constraint_value(metrics, "throughput_ratio") == 1.3
     assert search_report.constraint_value(metrics, "accuracy_recovery") == 0.97
+
+
+def chain_of(evaluations, baseline_ppl=10.0):
+    base = {"size_bytes": 100, "perplexity": baseline_ppl, "eval_wall_time_s": 2.0, "decode_ms_per_token.b1.in8.out4": 5.0}
+    return json.dumps({"baseline": {"target": "baseline", "metrics": base, "config": {}}, "evaluations": evaluations})
+
+
+def record(name, size, ppl, stage_key):
+    metrics = {"size_bytes": size, "perplexity": ppl, "size_bytes_ratio": size / 100, "perplexity_ratio": ppl / 10, "eval_wall_time_s": 1.0,
+               "decode_ms_per_token.b1.in8.out4": 4.0}
+    stages = [{"name": f"s-{name}", "kind": "quantize", "metrics": {"wall_time_s": 3.0}, "run_id": None, "model_uri": f"/m/{name}", "key": stage_key}]
+    return {"target": name, "metrics": metrics, "stages": stages}
+
+
+def test_collected_results_hold_the_verdict_front_cost_and_a_report_section(tmp_path):
+    from llmpress.components import report
+    from llmpress.components.kubeflow import search_steps
+
+    specs = [{"name": n, "label": f"s-{n}", "stages": [{"name": f"s-{n}", "kind": "quantize", "scheme": "nf4"}]} for n in ("c1", "c2", "c3")]
+    search = {"budget": {"size_ratio": 0.5}, "objective": "perplexity", "parallelism": 2, "screen": {"windows": 2, "margin": 0.05},
+              "candidates": specs, "plain_recipe": {"name": "s", "model": {"source": "x"}}}
+    screened = chain_of([record("c1", 40, 11.0, "k1"), record("c2", 45, 12.5, "k2"), record("c3", 60, 10.2, "k3")])
+    decision = search_steps.select_candidates(screened, json.dumps(search))
+    assert json.loads(decision)["full"] == ["c1", "c3"]
+    skipped = {"target": "c2", "skipped": "dominated", "stages": record("c2", 45, 12.5, "k2")["stages"]}
+    evaluated = chain_of([record("c1", 40, 11.1, "k1"), skipped, record("c3", 60, 10.3, "k3")])
+    found = search_steps.collect(screened, evaluated, decision, search)
+    assert found["winner"] == "c1" and found["front"] == ["c1", "c3"]
+    assert found["candidates_by_name"]["c2"]["full"] is None and found["candidates_by_name"]["c3"]["why_not"].startswith("size_ratio 0.6 > 0.5")
+    assert found["cost"] == {"screen_s": 5.0, "full_s": 4.0, "evaluation_s": 9.0, "stages_s": 9.0}
+    plain = yaml.safe_load(search_steps.winner_recipe(search, found))
+    assert list(plain) == ["name", "model", "stages"] and plain["stages"][0]["name"] == "s-c1"
+    results = {"recipe": {"name": "s"}, "baseline": {"metrics": json.loads(evaluated)["baseline"]["metrics"]},
+               "stages": [{"name": "c1", "kind": "candidate", "metrics": found["candidates_by_name"]["c1"]["full"]}], "search": found}
+    paths = report.write_report(results, tmp_path, [])
+    assert "**Winner: `c1`**" in paths["markdown"].read_text() and "<h2>Search</h2>" in paths["html"].read_text()
+    assert paths["front"].stat().st_size > 10_000

@@ -205,6 +205,8 @@ def write_report(results: dict[str, Any], folder: str | Path, earlier: list[dict
         paths["front"] = search_report.front_plot(results, folder / search_report.FRONT_PLOT)
         with paths["markdown"].open("a") as md:
             md.write(search_report.markdown(results, search_report.FRONT_PLOT))
+        page = paths["html"].read_text()
+        paths["html"].write_text(page.replace("</body></html>", search_report.html_section(results, data_uri(paths["front"])) + "\n</body></html>"))
     return paths
 
 

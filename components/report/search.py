@@ -157,6 +157,24 @@ def markdown(results: dict[str, Any], plot: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html_section(results: dict[str, Any], plot_src: str | None) -> str:
+    """The search's section of the HTML report: verdict, candidates table, front plot."""
+    import html
+
+    esc = html.escape
+    lines = markdown(results).strip().splitlines()
+    table = [line for line in lines if line.startswith("|") and not line.startswith("|---")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    text = [line.replace("**", "").replace("`", "") for line in lines if line and not line.startswith(("|", "#", "!["))]
+    parts = ["<h2>Search</h2>", *(f"<p>{esc(t)}</p>" for t in text[:2])]
+    parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in rows[0]) + "</tr></thead><tbody>"
+                 + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:]) + "</tbody></table>")
+    if plot_src:
+        parts.append(f"<p><img alt='Pareto front' src='{plot_src}'></p>")
+    parts += [f"<p class='note'>{esc(t)}</p>" for t in text[2:]]
+    return "\n".join(parts)
+
+
 def front_plot(results: dict[str, Any], path: str | Path) -> Path:
     """Perplexity against size and, when measured, against decode latency: every
     candidate (hollow: screening figures only), the front joined, the winner starred."""
