@@ -18,6 +18,7 @@ import yaml
 from kfp import kubernetes
 from llmpress import untrusted_yaml
 from llmpress.components.errors import UserError
+from llmpress.search import AXIS_KIND
 
 KFP_CRD_API = "pipelines.kubeflow.org/v2beta1"
 KFP_RUN_LABEL = "pipeline/runid"  # on every pod of a run (KFP's backend sets it; its launcher reads it)
@@ -76,6 +77,12 @@ def with_defaults(recipe: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
     for stage in out.get("stages") or []:
         if isinstance(stage, dict) and "resources" not in stage and stage.get("kind") in kinds:
             stage["resources"] = copy.deepcopy(kinds[stage["kind"]])
+    space = (out.get("search") or {}).get("space") if isinstance(out.get("search"), dict) else None
+    for axis, options in (space.items() if isinstance(space, dict) else []):
+        kind = AXIS_KIND.get(axis)  # a search's options are stages of their axis's kind
+        for option in options if isinstance(options, list) else []:
+            if isinstance(option, dict) and "resources" not in option and kind in kinds:
+                option["resources"] = copy.deepcopy(kinds[kind])
     evaluation = out.setdefault("evaluation", {})
     if isinstance(evaluation, dict) and "resources" not in evaluation and "evaluate" in kinds:
         evaluation["resources"] = copy.deepcopy(kinds["evaluate"])

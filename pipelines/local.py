@@ -93,10 +93,12 @@ def preflight(recipe: Recipe) -> None:
         if model is not None:
             check_model_source(model, field)
     sources = [("data.calibration", recipe.data.calibration), ("data.evaluation", recipe.data.evaluation)]
-    for i, stage in enumerate(recipe.stages):
+    stages = [(f"stages[{i}]", stage) for i, stage in enumerate(recipe.stages)]
+    stages += [(f"search candidate {c.name}, stage {stage.name}", stage) for c, chain in recipe.search_candidates() for stage in chain]
+    for where, stage in stages:
         for key in ("calibration", "data"):
             if isinstance(getattr(stage, key, None), DataSpec):
-                sources.append((f"stages[{i}].{key}", getattr(stage, key)))
+                sources.append((f"{where}.{key}", getattr(stage, key)))
     for field, spec in sources:
         check_source(spec, field)
 

@@ -262,3 +262,14 @@ def test_collected_results_hold_the_verdict_front_cost_and_a_report_section(tmp_
     paths = report.write_report(results, tmp_path, [])
     assert "**Winner: `c1`**" in paths["markdown"].read_text() and "<h2>Search</h2>" in paths["html"].read_text()
     assert paths["front"].stat().st_size > 10_000
+
+
+def test_cluster_defaults_give_search_options_their_kinds_resources():
+    from llmpress.cluster import with_defaults
+
+    defaults = {"resources": {"quantize": {"gpus": 1}, "prune": {"gpus": 2}}}
+    space = copy.deepcopy(SPACE)
+    space["quantize"][1]["resources"] = {"gpus": 4}
+    out = with_defaults(search_recipe(space=space), defaults)["search"]["space"]
+    assert out["prune"][0] == "none" and out["prune"][1]["resources"] == {"gpus": 2}
+    assert [o["resources"] for o in out["quantize"]] == [{"gpus": 1}, {"gpus": 4}]  # a set block is kept whole
