@@ -3,8 +3,9 @@ branches of the same stage steps → a cheap screening evaluation of every candi
 the choice of who goes on → the full evaluation of those → the search's report.
 
 - Shared prefixes run once: a step is made per distinct chain prefix (the same pruned
-  model feeds every quantize option after it), and KFP's cache reuses any step whose
-  inputs an earlier search already had.
+  model feeds every quantize option after it), named by that prefix, so that KFP's
+  cache (kfp.local's too, which keys by name) reuses any model step an earlier search
+  already ran, wherever it sits in this one.
 - Parallelism: the model-producing steps, in the order they are made (parents first),
   are dealt round-robin into ``search.parallelism`` lanes; each step waits for the one
   before it in its lane, so at most that many run at once, on the node pools of their
@@ -15,6 +16,7 @@ the choice of who goes on → the full evaluation of those → the search's repo
 (No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)
 """
 
+import hashlib
 import json
 from typing import Any
 
@@ -79,8 +81,9 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
                 prefix += (recipe.stage_json(stage) + stage.resources.model_dump_json(),)
                 if prefix not in made:
                     ops = gpu_ops if stage.resources.gpus else cpu_ops
-                    task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context,
-                                            stages=records)
+                    name = "run-stage-" + hashlib.sha256("\0".join(prefix).encode()).hexdigest()[:10]
+                    run_stage = search_shells.renamed(ops["run_stage"], name)
+                    task = run_stage(model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=records)
                     task.set_display_name(stage.name)
                     place(task, stage.resources)
                     lane = len(made) % search.parallelism
