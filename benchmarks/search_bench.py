@@ -10,6 +10,8 @@ The search's space holds the stages of single-technique recipes in recipes/: dem
 (gptq-w4a16, group 128), nf4.yaml and int8.yaml (8-bit: over a 4-bit size budget, on the
 front), and a sensitivity-guided mixed-precision gptq candidate. Kept small for a shared
 2-core CPU: 4 candidates, 16 calibration sequences of 128 tokens, 16 evaluation windows.
+Not run to completion yet (docs/benchmarks.md, Search, says why); the figures there
+come from the toy search, benchmarks/search_toy.yaml.
 """
 
 from __future__ import annotations

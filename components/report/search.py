@@ -234,7 +234,9 @@ def _number(value: Any) -> float | None:
 def _fmt(value: Any) -> str:
     if value is None:
         return "—"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # ratios near 1 need their decimals: 1.0003, not 1
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.4g}"
+    return str(value)
 
 
 def _mb(metrics: dict[str, Any]) -> str:
