@@ -61,14 +61,23 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
     search_ops = search_shells.build(images["gpu"] if resources.gpus else images["cpu"])
     chains = recipe.search_candidates()
     everything = search_json(recipe)
+    # a search takes no run parameters: the components' parameter inputs get the recipe's values
+    calibration_args = {"calibration_source": recipe.data.calibration.source, "calibration_samples": recipe.data.calibration.num_samples,
+                        "calibration_seq_len": recipe.data.calibration.seq_len, "mlflow_experiment": recipe.tracking.experiment}
+
+    def evaluation_args(data_json: str) -> dict[str, Any]:
+        spec = json.loads(data_json)
+        return {"evaluation_source": spec["source"], "evaluation_samples": spec["num_samples"], "evaluation_seq_len": spec["seq_len"]}
 
     @dsl.pipeline(name=recipe.name, description=recipe.description or f"llmpress search {recipe.name}")
     def pipeline() -> dsl.Artifact:
-        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context)
+        imported = cpu_ops["import_model"](model_json=recipe.model.model_dump_json(), context_json=context, model_source=recipe.model.source,
+                                           model_revision=recipe.model.revision or "")
         imported.set_display_name("import-model")
         place(imported, recipe.cluster.light_resources)
         base_model = imported.outputs["model"]
-        baseline = eval_ops["evaluate"](model=base_model, config_json=evaluation, data_json=eval_data, target="baseline", field="evaluation", evals="")
+        baseline = eval_ops["evaluate"](model=base_model, config_json=evaluation, data_json=eval_data, target="baseline", field="evaluation", evals="",
+                                        **evaluation_args(eval_data))
         baseline.set_display_name("evaluate-baseline")
         place(baseline, resources)
 
@@ -83,7 +92,8 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
                     ops = gpu_ops if stage.resources.gpus else cpu_ops
                     name = "run-stage-" + hashlib.sha256("\0".join(prefix).encode()).hexdigest()[:10]
                     run_stage = search_shells.renamed(ops["run_stage"], name)
-                    task = run_stage(model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=records)
+                    task = run_stage(model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=records,
+                                     **calibration_args)
                     task.set_display_name(stage.name)
                     place(task, stage.resources)
                     lane = len(made) % search.parallelism
@@ -107,7 +117,7 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
         decision: Any = ""
         if search.screen:
             screen_base = eval_ops["evaluate"](model=base_model, config_json=json.dumps(screen_config), data_json=screen_data, target="baseline",
-                                               field="evaluation", evals="")
+                                               field="evaluation", evals="", **evaluation_args(screen_data))
             screen_base.set_display_name("screen-baseline")
             place(screen_base, resources)
             screened = evaluate_all(json.dumps(screen_config), screen_data, screen_base.outputs["Output"], "", "screen")
