@@ -6,15 +6,17 @@
 
     <uri>/llmpress-data/<upload>/<relative path of each file>
     <uri>/llmpress-manifest.json      {"tree", "data", "files": [{"path", "size", "sha256"}]}
-    <uri>/llmpress-pending.json       while an upload is unfinished: {"session", "files"}
+    <uri>/llmpress-pending/<upload>.json   while an upload runs: {"session", "files", "owner", "heartbeat"}
 
-The data prefix is the temporary prefix of one upload: it becomes the artifact only
-when the manifest that names it is written, last, in one atomic PUT/rename. ``tree``
-(a hash of paths, sizes and SHA-256s) names the content. Readers trust nothing without
-a manifest and verify every checksum, so a partial upload is never read as a model.
-Each file is read once while uploading (hashed as its parts go up); the pending marker
-lets a rerun of an interrupted upload continue under the same prefix, skipping files
-already there and reusing finished multipart parts. One writer per URI at a time.
+The data prefix is the prefix of one writer's upload session: it becomes the artifact
+only when the manifest that names it is written, last, in one atomic conditional
+PUT/rename. ``tree`` (a hash of paths, sizes and SHA-256s) names the content. Readers
+trust nothing without a manifest and verify every checksum, so a partial upload is
+never read as a model. Each file is read once while uploading (hashed as its parts go
+up); a rerun after a failed upload takes its session over and skips files already
+there and reuses finished multipart parts. Any number of writers may race on one URI
+(``sessions.py`` says how); names and checksums read back are checked
+(``validation.py``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmpress.components.artifacts.validation import DATA, FORMAT, MAX_MANIFEST_BYTES, local_target, parse_manifest, plain_files, relative_path
+from llmpress.components.artifacts import sessions
+from llmpress.components.artifacts.sessions import PENDING
+from llmpress.components.artifacts.validation import DATA, FORMAT, MAX_MANIFEST_BYTES, local_target, parse_manifest, plain_files
 from llmpress.components.errors import UserError
 
 log = logging.getLogger("llmpress.artifacts")
 
 MANIFEST = "llmpress-manifest.json"
-PENDING = "llmpress-pending.json"  # names the data prefix of an upload not committed yet
 MB = 1024 * 1024
 HASH_CHUNK = 8 * MB
 
@@ -64,20 +67,27 @@ class Stats:
     skipped_bytes: int = 0
     reused_parts: int = 0
     seconds: float = 0.0
-    tree: str = ""  # the committed content's id (manifest ``tree``)
+    tree: str = ""  # the committed content's id (manifest ``tree``; for a plain prefix, a hash of its listing)
 
 
 class Store(Protocol):
     """What each backend (local folder, S3) provides; keys are relative to the artifact URI."""
 
+    tuning: Tuning
+
     def describe(self, key: str) -> str: ...
     def read_bytes(self, key: str) -> bytes | None: ...
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]: ...  # (bytes, version tag)
     def write_bytes(self, key: str, data: bytes) -> None: ...
+    @property
+    def conditional(self) -> bool: ...  # whether write_if is honoured
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...  # False: the version changed (None: must be absent)
     def size(self, key: str) -> int | None: ...
     def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]: ...  # (SHA-256, already there)
-    def abort_uploads(self, prefix: str, keep: str) -> None: ...
-    def download(self, key: str, path: Path, size: int) -> None: ...
+    def abort_uploads(self, prefix: str) -> None: ...
+    def download(self, key: str, path: Path, size: int, tag: str | None = None) -> None: ...  # tag: refuse another version
     def list(self, prefix: str) -> list[tuple[str, int]]: ...
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]: ...  # (key, size, version tag)
     def delete(self, keys: list[str]) -> None: ...
     def close(self) -> None: ...
 
@@ -93,6 +103,8 @@ def open_store(uri: str, tuning: Tuning | None = None) -> Store:
         from llmpress.components.artifacts.s3 import S3Store
 
         return S3Store(uri, tuning)
+    from llmpress.components.artifacts.local import LocalStore
+
     return LocalStore(uri, tuning)
 
 
@@ -123,19 +135,21 @@ def tree_id(files: list[dict[str, Any]]) -> str:
 
 def read_manifest(store: Store) -> dict[str, Any] | None:
     """The committed manifest, checked whole (validation.parse_manifest), or None."""
-    size = store.size(MANIFEST)
-    if size is None:
-        return None
-    where = store.describe(MANIFEST)
-    if size > MAX_MANIFEST_BYTES:  # refused before it is read: a huge object must not fill memory
+    return _read_manifest_tagged(store)[0]
+
+
+def _read_manifest_tagged(store: Store) -> tuple[dict[str, Any] | None, str | None]:
+    """The committed manifest and its version tag (what a conditional commit names)."""
+    size, where = store.size(MANIFEST), store.describe(MANIFEST)
+    if size is not None and size > MAX_MANIFEST_BYTES:  # refused before it is read: a huge object must not fill memory
         raise UserError(f"{where}: not a valid llmpress manifest — {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-    raw = store.read_bytes(MANIFEST)
+    raw, tag = store.read_tagged(MANIFEST)  # a GET even when HEAD found nothing: it names a missing bucket (NoSuchBucket)
     if raw is None:
-        return None
+        return None, None
     manifest = parse_manifest(raw, where)
     if tree_id(manifest["files"]) != manifest["tree"]:
         raise UserError(f"{where}: not a valid llmpress manifest — its tree {manifest['tree']} is not the hash of the files it lists; re-upload the artifact")
-    return manifest
+    return manifest, tag
 
 
 def committed(uri: str, tuning: Tuning | None = None) -> dict[str, Any] | None:
@@ -169,7 +183,7 @@ def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> St
     stats = Stats(files=len(files))
     store = open_store(uri, tuning)
     try:
-        current = read_manifest(store)
+        current, current_tag = _read_manifest_tagged(store)
         if current and _shape(current["files"]) == _shape(files):
             # maybe the same content again (a rerun): hashing (one read, no upload) tells
             hashed = _scan(local_dir, tuning.concurrency)
@@ -177,40 +191,56 @@ def put_dir(local_dir: str | Path, uri: str, tuning: Tuning | None = None) -> St
                 stats.tree, stats.skipped_files, stats.skipped_bytes = current["tree"], len(files), sum(f["size"] for f in files)
                 log.info("artifact %s already holds this content (%d files); nothing to upload", uri, len(files))
                 return stats
-        session = _session(store, files)
-        base = f"{DATA}/{session}/"
-        total = sum(f["size"] for f in files)
-        log.info("uploading %d files, %.1f MB to %s", len(files), total / MB, uri)
-
-        def one(entry: dict[str, Any]) -> None:
-            entry["sha256"], skipped = store.upload(local_dir / entry["path"], base + entry["path"], entry["size"], stats)
-            if skipped:
-                stats.skipped_files += 1
-                stats.skipped_bytes += entry["size"]
-            else:
-                stats.bytes += entry["size"]
-
-        # large files first so that the pool never ends waiting on one big straggler
-        with ThreadPoolExecutor(tuning.concurrency) as pool:
-            list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
-            # check before committing: a store that lost objects mid-upload (a server
-            # restarted from an empty volume) gets them again instead of a broken manifest
-            lost = [f for f in files if store.size(base + f["path"]) != f["size"]]
-            if lost:
-                log.warning("%d files went missing from %s during the upload; sending them again", len(lost), uri)
-                list(pool.map(one, lost))
-            if any(store.size(base + f["path"]) != f["size"] for f in lost):
-                raise UserError(f"{store.describe(base)}: objects keep disappearing after upload; check the store")
+        session = sessions.Session(store, _shape(files), current)  # this writer's own prefix, never a committed one
+        try:
+            _upload(store, local_dir, files, session, stats, uri)
+            session.check()  # still ours: a writer that stalled past its lease commits nothing
+        except BaseException:
+            session.release()
+            raise
+        session.stop()
         stats.tree = tree_id(files)
-        manifest = {"format": FORMAT, "tree": stats.tree, "data": base, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-        store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit
-        _drop_old_versions(store, base)
+        manifest = {"format": FORMAT, "tree": stats.tree, "data": session.base, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+        replaced = sessions.commit(store, MANIFEST, manifest, (current, current_tag), lambda: _read_manifest_tagged(store))
+        if not store.conditional and read_manifest(store) != manifest:
+            log.warning("another writer committed %s right after this upload; its version stands (this server ignores conditional writes)", uri)
+        try:
+            sessions.collect(store, session.id, replaced, lambda: read_manifest(store))
+        except UserError as err:  # committed whole: leftovers only cost space, and the next writer collects them
+            log.warning("committed %s, but cleaning up after it failed (%s); the next upload collects the rest", uri, err)
     finally:
         store.close()
     stats.seconds = time.monotonic() - start
     log.info("uploaded %s: %.1f MB in %.1fs (%.0f MB/s), %d files skipped as already there",
              uri, stats.bytes / MB, stats.seconds, stats.bytes / MB / max(stats.seconds, 1e-9), stats.skipped_files)
     return stats
+
+
+def _upload(store: Store, local_dir: Path, files: list[dict[str, Any]], session: sessions.Session, stats: Stats, uri: str) -> None:
+    base = session.base
+    log.info("uploading %d files, %.1f MB to %s", len(files), sum(f["size"] for f in files) / MB, uri)
+
+    def one(entry: dict[str, Any]) -> None:
+        if session.lost.is_set():
+            session.check()
+        entry["sha256"], skipped = store.upload(local_dir / entry["path"], base + entry["path"], entry["size"], stats)
+        if skipped:
+            stats.skipped_files += 1
+            stats.skipped_bytes += entry["size"]
+        else:
+            stats.bytes += entry["size"]
+
+    # large files first so that the pool never ends waiting on one big straggler
+    with ThreadPoolExecutor(store.tuning.concurrency) as pool:
+        list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
+        # check before committing: a store that lost objects mid-upload (a server
+        # restarted from an empty volume) gets them again instead of a broken manifest
+        lost = [f for f in files if store.size(base + f["path"]) != f["size"]]
+        if lost:
+            log.warning("%d files went missing from %s during the upload; sending them again", len(lost), uri)
+            list(pool.map(one, lost))
+        if any(store.size(base + f["path"]) != f["size"] for f in lost):
+            raise UserError(f"{store.describe(base)}: objects keep disappearing after upload; check the store")
 
 
 def _list(local_dir: Path) -> list[dict[str, Any]]:
@@ -225,92 +255,107 @@ def _shape(files: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return [(f["path"], f["size"]) for f in files]
 
 
-def _session(store: Store, files: list[dict[str, Any]]) -> str:
-    """The data prefix this upload writes under: the unfinished upload's (named in
-    ``llmpress-pending.json``) when it was of the same files, so that a rerun reuses what
-    it sent; else a new one. Keys cannot come from the content's hash: that is known
-    only once every file has been read, and reading each file once is the point."""
-    raw = store.read_bytes(PENDING)
-    try:
-        pending = json.loads(raw) if raw else None
-        if pending and [tuple(f) for f in pending["files"]] == _shape(files):
-            return str(pending["session"])
-    except (ValueError, KeyError, TypeError):
-        pass  # an unreadable marker: start afresh
-    session = uuid.uuid4().hex[:16]
-    store.write_bytes(PENDING, json.dumps({"session": session, "files": _shape(files)}).encode())
-    return session
-
-
-def _drop_old_versions(store: Store, base: str) -> None:
-    """After a commit, data of other versions and unfinished uploads are garbage (readers
-    follow the manifest)."""
-    stale = [key for key, _ in store.list(f"{DATA}/") if not key.startswith(base)]
-    if stale:
-        store.delete(stale)
-    store.delete([PENDING])
-    store.abort_uploads(f"{DATA}/", keep=base)
-
-
-def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False, tree: str | None = None) -> Stats:
+def get_dir(uri: str, local_dir: str | Path, tuning: Tuning | None = None, plain_ok: bool = False, tree: str | None = None,
+            pins: list[dict[str, Any]] | None = None) -> Stats:
     """Download the committed artifact at ``uri`` into ``local_dir``, verifying every file.
 
     With ``plain_ok``, a prefix without a manifest (a model someone copied there with
-    another tool) is downloaded as it is, checked by size only. With ``tree``, the
-    committed content must be that version (a pointer to it was taken earlier)."""
+    another tool) is downloaded as it is, each object read with ``If-Match`` on the ETag
+    it was listed with (``Stats.objects``), so an object replaced meanwhile is refused.
+    With ``tree``, the committed content must be that version (a pointer to it was taken
+    earlier); ``pins`` are a plain prefix's objects as listed then (``pin``). A version
+    replaced by another writer while it is read is left for the new one, unless pinned."""
     tuning = tuning or Tuning()
     start = time.monotonic()
     local_dir = Path(local_dir)
     store = open_store(uri, tuning)
     try:
-        manifest = read_manifest(store)
-        if manifest is None:
-            if not plain_ok:
-                raise UserError(f"{store.describe(MANIFEST)}: no committed artifact there (no manifest: nothing was uploaded, or the upload did not finish)")
-            listed = plain_files(store.list(""), store.describe(""), skip=(DATA + "/", MANIFEST, PENDING))
-            files, base = [{"path": k, "size": s, "sha256": None} for k, s in listed], ""
-            if not files:
-                raise UserError(f"{store.describe('')}: nothing there (no objects under this prefix)")
-            log.info("%s has no llmpress manifest: downloading the prefix as it is (sizes checked, no checksums)", uri)
-        else:
-            files, base = manifest["files"], manifest["data"]
-            if tree and manifest.get("tree") != tree:
-                raise UserError(f"{store.describe(MANIFEST)}: holds version {manifest.get('tree')}, not the version {tree} this step was given "
-                                "(the artifact was overwritten since); rerun the step that produced it")
-        stats = Stats(files=len(files), tree=(manifest or {}).get("tree", ""))
-        local_dir.mkdir(parents=True, exist_ok=True)
-        needed, free = sum(f["size"] for f in files), shutil.disk_usage(local_dir).free
-        if needed > free:  # also what stops a manifest that claims a petabyte
-            raise UserError(f"{store.describe(MANIFEST)}: {needed / MB:.0f} MB to download, more than the {free / MB:.0f} MB free in {local_dir}")
-        log.info("downloading %d files, %.1f MB from %s", len(files), sum(f["size"] for f in files) / MB, uri)
-
-        targets = {f["path"]: local_target(local_dir, f["path"], store.describe(base + f["path"])) for f in files}  # all checked before any write
-
-        def one(entry: dict[str, Any]) -> None:
-            target = targets[entry["path"]]
-            if target.is_file() and target.stat().st_size == entry["size"] and entry["sha256"] and sha256_file(target) == entry["sha256"]:
-                stats.skipped_files += 1
-                stats.skipped_bytes += entry["size"]
-                return
-            target.parent.mkdir(parents=True, exist_ok=True)
-            local_target(local_dir, entry["path"], store.describe(base + entry["path"]))  # again: a folder made meanwhile may be a link
-            partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")  # per reader: two downloads into one folder never share it
-            store.download(base + entry["path"], partial, entry["size"])
-            if entry["sha256"] and sha256_file(partial) != entry["sha256"]:
-                partial.unlink()
-                where = store.describe(base + entry["path"])
-                raise UserError(f"{where}: checksum mismatch — the stored object differs from its manifest; re-upload the artifact")
-            if partial.stat().st_size != entry["size"]:
-                raise UserError(f"{store.describe(base + entry['path'])}: size changed while downloading; retry")
-            os.replace(partial, target)  # a reader of local_dir never sees half a file under its real name
-            stats.bytes += entry["size"]
-
-        with ThreadPoolExecutor(tuning.concurrency) as pool:
-            list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
+        for attempt in range(3):
+            manifest = read_manifest(store)
+            try:
+                stats = _get_version(store, uri, local_dir, manifest, plain_ok, tree, pins)
+                break
+            except UserError:
+                if manifest is None or tree or attempt == 2 or read_manifest(store) == manifest:
+                    raise
+                log.info("%s: another writer committed a new version while it was read; reading that one", uri)
     finally:
         store.close()
     stats.seconds = time.monotonic() - start
     log.info("downloaded %s: %.1f MB in %.1fs (%.0f MB/s)", uri, stats.bytes / MB, stats.seconds, stats.bytes / MB / max(stats.seconds, 1e-9))
+    return stats
+
+
+def pin(uri: str, tuning: Tuning | None = None) -> dict[str, Any]:
+    """What a pointer to ``uri`` must hold so that every later read gets exactly what is
+    there now: the committed ``tree``, or for a prefix without a manifest its objects
+    with their ETags (and a ``tree`` hashed from them)."""
+    store = open_store(uri, tuning or Tuning())
+    try:
+        manifest = read_manifest(store)
+        if manifest is not None:
+            return {"tree": manifest["tree"], "bytes": sum(f["size"] for f in manifest["files"]), "plain": False}
+        objects = _plain_objects(store)
+    finally:
+        store.close()
+    return {"tree": tree_id(objects), "bytes": sum(o["size"] for o in objects), "plain": True, "objects": objects}
+
+
+def _plain_objects(store: Store) -> list[dict[str, Any]]:
+    listed = plain_files(store.list_versions(""), store.describe(""), skip=(DATA + "/", MANIFEST, PENDING))
+    if not listed:
+        raise UserError(f"{store.describe('')}: nothing there (no objects under this prefix)")
+    return [{"path": key, "size": size, "etag": tag} for key, size, tag in listed]
+
+
+def _get_version(store: Store, uri: str, local_dir: Path, manifest: dict[str, Any] | None, plain_ok: bool, tree: str | None,
+                 pins: list[dict[str, Any]] | None) -> Stats:
+    if manifest is None:
+        if not plain_ok:
+            raise UserError(f"{store.describe(MANIFEST)}: no committed artifact there (no manifest: nothing was uploaded, or the upload did not finish)")
+        objects = _plain_objects(store)
+        if (pins is not None and objects != pins) or (tree and tree_id(objects) != tree):
+            raise UserError(f"{store.describe('')}: the objects under this prefix changed since the pipeline read them (a model source "
+                            "must not change while a pipeline uses it); rerun from the import step (llmpress run --no-cache)")
+        files, base = [{"path": o["path"], "size": o["size"], "sha256": None, "etag": o["etag"]} for o in objects], ""
+        log.info("%s has no llmpress manifest: downloading the prefix as it is (each object as listed: size and ETag)", uri)
+    else:
+        files, base = manifest["files"], manifest["data"]
+        if tree and manifest.get("tree") != tree:
+            raise UserError(f"{store.describe(MANIFEST)}: holds version {manifest.get('tree')}, not the version {tree} this step was given "
+                            "(the artifact was overwritten since); rerun the step that produced it")
+    stats = Stats(files=len(files), tree=manifest["tree"] if manifest else tree_id([{k: f[k] for k in ("path", "size", "etag")} for f in files]))
+    local_dir.mkdir(parents=True, exist_ok=True)
+    needed, free = sum(f["size"] for f in files), shutil.disk_usage(local_dir).free
+    if needed > free:  # also what stops a manifest that claims a petabyte
+        raise UserError(f"{store.describe(MANIFEST)}: {needed / MB:.0f} MB to download, more than the {free / MB:.0f} MB free in {local_dir}")
+    log.info("downloading %d files, %.1f MB from %s", len(files), needed / MB, uri)
+    targets = {f["path"]: local_target(local_dir, f["path"], store.describe(base + f["path"])) for f in files}  # all checked before any write
+
+    def one(entry: dict[str, Any]) -> None:
+        target = targets[entry["path"]]
+        if target.is_file() and target.stat().st_size == entry["size"] and entry["sha256"] and sha256_file(target) == entry["sha256"]:
+            stats.skipped_files += 1
+            stats.skipped_bytes += entry["size"]
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        local_target(local_dir, entry["path"], store.describe(base + entry["path"]))  # again: a folder made meanwhile may be a link
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")  # per reader: two downloads into one folder never share it
+        try:
+            store.download(base + entry["path"], partial, entry["size"], entry.get("etag"))
+            if entry["sha256"] and sha256_file(partial) != entry["sha256"]:
+                where = store.describe(base + entry["path"])
+                raise UserError(f"{where}: checksum mismatch — the stored object differs from its manifest; re-upload the artifact")
+            if partial.stat().st_size != entry["size"]:
+                raise UserError(f"{store.describe(base + entry['path'])}: size changed while downloading; retry")
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, target)  # a reader of local_dir never sees half a file under its real name
+        stats.bytes += entry["size"]
+
+    with ThreadPoolExecutor(store.tuning.concurrency) as pool:
+        list(pool.map(one, sorted(files, key=lambda f: -f["size"])))
     return stats
 
 
@@ -329,83 +374,3 @@ def get_file(uri: str, path: str | Path, tuning: Tuning | None = None) -> Path:
     finally:
         store.close()
     return path
-
-
-class LocalStore:
-    """A folder on a local or mounted disk, with the same layout and guarantees."""
-
-    def __init__(self, uri: str, tuning: Tuning) -> None:
-        self.root = Path(str(uri).removeprefix("file://")).expanduser()
-        self.tuning = tuning
-
-    def describe(self, key: str) -> str:
-        return str(self.root / key)
-
-    def _path(self, key: str) -> Path:
-        """A key as a path inside the store's folder (keys may come from a spool record)."""
-        return self.root / relative_path(key, self.describe(key)) if key else self.root
-
-    def read_bytes(self, key: str) -> bytes | None:
-        path = self._path(key)
-        return path.read_bytes() if path.is_file() else None
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic on one filesystem: the commit
-
-    def size(self, key: str) -> int | None:
-        path = self._path(key)
-        return path.stat().st_size if path.is_file() else None
-
-    def upload(self, path: Path, key: str, size: int, stats: Stats) -> tuple[str, bool]:
-        target = self._path(key)
-        if target.is_file() and target.stat().st_size == size:  # an interrupted run's file
-            digest = sha256_file(path)
-            if sha256_file(target) == digest:
-                return digest, True
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        digest = hashlib.sha256()
-        buffer = bytearray(HASH_CHUNK)
-        view = memoryview(buffer)
-        with open(path, "rb", buffering=0) as source, open(tmp, "wb") as out:  # one read: copy and hash
-            while n := source.readinto(buffer):
-                digest.update(view[:n])
-                out.write(view[:n])
-                if self.tuning.progress:
-                    self.tuning.progress(n)
-        os.replace(tmp, target)
-        return digest.hexdigest(), False
-
-    def abort_uploads(self, prefix: str, keep: str) -> None:
-        pass  # a half-copied file is a temporary name under its version's prefix, already deleted
-
-    def download(self, key: str, path: Path, size: int) -> None:
-        source = self._path(key)
-        if not source.is_file():
-            raise UserError(f"{source}: missing although the manifest lists it; re-upload the artifact")
-        self._copy(source, path)
-
-    def _copy(self, source: Path, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-        if self.tuning.progress:
-            self.tuning.progress(target.stat().st_size)
-
-    def list(self, prefix: str) -> list[tuple[str, int]]:
-        base = self._path(prefix.rstrip("/"))
-        if not base.exists():
-            return []
-        return [(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in sorted(base.rglob("*")) if p.is_file()]
-
-    def delete(self, keys: list[str]) -> None:
-        for key in keys:
-            self._path(key).unlink(missing_ok=True)
-
-    def close(self) -> None:
-        pass

@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -45,9 +46,13 @@ PERMANENT = {
     "SignatureDoesNotMatch": "the endpoint rejects the secret key; check AWS_SECRET_ACCESS_KEY (its Secret)",
     "InvalidBucketName": "not a valid bucket name",
     "InvalidRange": "the object is shorter than its manifest says; re-upload the artifact",
+    "PreconditionFailed": "the object changed since it was listed (a model source must not change while a pipeline uses it); rerun from the import step",
     "NoSuchKey": "no such object",
     "404": "no such object",
 }
+PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}  # a conditional write lost to another writer
+_CONDITIONAL: dict[tuple[str, str], bool] = {}  # (endpoint, bucket) -> honours conditional writes
+_PROBE_LOCK = threading.Lock()
 TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "NoSuchUpload",
 }
@@ -188,6 +193,57 @@ class S3Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and its ETag (what ``write_if`` compares)."""
+        def read() -> tuple[bytes, str]:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+
+        return self._missing_is_none(key, read) or (None, None)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the server honours ``If-None-Match``/``If-Match`` on PUT (AWS since
+        2024, SeaweedFS, moto; older MinIO and Ceph ignore them): probed once per
+        endpoint and bucket, or set by ``LLMPRESS_S3_CONDITIONAL`` (on/off)."""
+        setting = os.environ.get("LLMPRESS_S3_CONDITIONAL", "auto").lower()
+        if setting in ("on", "off"):
+            return setting == "on"
+        where = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws", self.bucket)
+        with _PROBE_LOCK:
+            if where not in _CONDITIONAL:
+                _CONDITIONAL[where] = self._probe_conditional()
+                log.info("s3://%s: conditional writes %s", self.bucket, "honoured" if _CONDITIONAL[where] else "ignored: commits use the fallback")
+        return _CONDITIONAL[where]
+
+    def _probe_conditional(self) -> bool:
+        key = f"llmpress-probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(key, b"1")
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=b"2", IfNoneMatch="*")
+            except Exception as err:
+                return error_code(err) in PRECONDITION
+            return False  # overwritten although it existed: the header was ignored
+        finally:
+            self.delete([key])
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """PUT ``key`` only if it is still the version ``tag`` names (None: absent);
+        False when another writer changed it first."""
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+                return True
+            except Exception as err:
+                if error_code(err) in PRECONDITION:
+                    return False
+                raise
+
+        return self._call(key, put)
+
     def _head(self, key: str) -> dict[str, Any] | None:
         return self._missing_is_none(key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
 
@@ -200,18 +256,36 @@ class S3Store:
         return None if head is None else int(head["ContentLength"])
 
     def list(self, prefix: str) -> list[tuple[str, int]]:
-        def listing() -> list[tuple[str, int]]:
+        return [(key, size) for key, size, _ in self.list_versions(prefix)]
+
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]:
+        """(key, size, ETag) of every object under ``prefix``."""
+        def listing() -> list[tuple[str, int, str]]:
             base = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
             cut = len(self.prefix) + 1 if self.prefix else 0
-            return [(o["Key"][cut:], o["Size"]) for page in pages for o in page.get("Contents", [])]
+            return [(o["Key"][cut:], o["Size"], o.get("ETag", "")) for page in pages for o in page.get("Contents", [])]
 
         return self._call(prefix, listing)
 
     def delete(self, keys: list[str]) -> None:
+        """Delete ``keys``; DeleteObjects answers 200 with per-key errors, which are
+        retried while transient and otherwise raised, never ignored."""
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            self._call(keys[i], lambda b=batch: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
+
+            def delete_batch(b: list[dict[str, str]] = batch) -> None:
+                errors = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}).get("Errors") or []
+                failed = [e for e in errors if e.get("Code") != "NoSuchKey"]
+                if any(e.get("Code") in TRANSIENT_CODES for e in failed):
+                    b[:] = [{"Key": e["Key"]} for e in failed]
+                    raise ConnectionError(f"{len(failed)} keys not deleted ({failed[0].get('Code')})")  # transient: retried
+                if failed:
+                    first = failed[0]
+                    raise UserError(f"s3://{self.bucket}/{first.get('Key')}: not deleted — {first.get('Code')}: {first.get('Message', '')}"
+                                    f"{f' (and {len(failed) - 1} more keys)' if len(failed) > 1 else ''}")
+
+            self._call(keys[i], delete_batch)
 
     def part_size(self, size: int) -> int:
         return max(self.tuning.part_size, MIN_PART, -(-size // MAX_PARTS))
@@ -306,14 +380,13 @@ class S3Store:
             wait([hashed])  # the bytes are still the hasher's until it is done with them
             self.slots.release()
 
-    def abort_uploads(self, prefix: str, keep: str) -> None:
-        """Abort unfinished multipart uploads under ``prefix`` but outside ``keep`` (an
-        abandoned upload's parts would otherwise be stored, and billed, forever)."""
+    def abort_uploads(self, prefix: str) -> None:
+        """Abort unfinished multipart uploads under ``prefix`` (an abandoned session's
+        parts would otherwise be stored, and billed, forever)."""
         def abort() -> None:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
             for upload in (u for page in pages for u in page.get("Uploads", [])):
-                if not upload["Key"].startswith(self._key(keep)):
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
         self._call(prefix, abort)
 
@@ -344,24 +417,26 @@ class S3Store:
 
     # --- download ---------------------------------------------------------------
 
-    def download(self, key: str, path: Path, size: int) -> None:
+    def download(self, key: str, path: Path, size: int, tag: str | None = None) -> None:
+        """Parallel ranged GETs into ``path``; with ``tag``, every one carries ``If-Match``
+        so that bytes of another version of the object are refused, never mixed in."""
         step = self.part_size(size)
         with open(path, "wb") as f:
             f.truncate(size)
         fd = os.open(path, os.O_WRONLY)
         try:
             if size <= step:
-                self._call(key, lambda: self._range(fd, key, 0, size, size, whole=True))
+                self._call(key, lambda: self._range(fd, key, 0, size, size, tag, whole=True))
             else:
-                futures = [self.parts.submit(self._call, f"{key} (bytes {o}-)", lambda o=o: self._range(fd, key, o, min(step, size - o), size))
+                futures = [self.parts.submit(self._call, f"{key} (bytes {o}-)", lambda o=o: self._range(fd, key, o, min(step, size - o), size, tag))
                            for o in range(0, size, step)]
                 for future in futures:
                     future.result()
         finally:
             os.close(fd)
 
-    def _range(self, fd: int, key: str, offset: int, length: int, size: int, whole: bool = False) -> None:
-        extra = {} if whole else {"Range": f"bytes={offset}-{offset + length - 1}"}
+    def _range(self, fd: int, key: str, offset: int, length: int, size: int, tag: str | None, whole: bool = False) -> None:
+        extra = ({} if whole else {"Range": f"bytes={offset}-{offset + length - 1}"}) | ({"IfMatch": tag} if tag else {})
         response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
         total = response["ContentLength"] if whole else int(str(response.get("ContentRange", "/-1")).rpartition("/")[2] or -1)
         if total != size:  # a manifest (or a listing) that lies about the size is refused, never written past

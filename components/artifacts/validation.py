@@ -109,15 +109,16 @@ def _no_file_is_a_folder(paths: set[str], refuse: Any) -> None:
                 raise refuse(f"{short(path)} lies under {short('/'.join(parts[:depth]))}, which is a file")
 
 
-def plain_files(listing: list[tuple[str, int]], where: str, skip: tuple[str, ...]) -> list[tuple[str, int]]:
-    """The files of a prefix without a manifest, from its listing: folder markers
-    (``sub/``, empty) are dropped, every other key must be a safe relative path."""
+def plain_files(listing: list[tuple[str, int, str]], where: str, skip: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """The files of a prefix without a manifest, from its listing (key, size, version):
+    folder markers (``sub/``, empty) are dropped, every other key must be a safe
+    relative path."""
     files = []
-    for key, size in listing:
+    for key, size, version in listing:
         if key.startswith(skip):
             continue
         if key.endswith("/") and size == 0:
             continue  # a "folder" some consoles create
-        files.append((relative_path(key, f"{where}{key}"), size))
-    _no_file_is_a_folder({k for k, _ in files}, lambda problem: UserError(f"{where}: {problem}; refusing to read this prefix"))
+        files.append((relative_path(key, f"{where}{key}"), size, version))
+    _no_file_is_a_folder({f[0] for f in files}, lambda problem: UserError(f"{where}: {problem}; refusing to read this prefix"))
     return files

@@ -129,7 +129,7 @@ def model_input(model_dir: str) -> Iterator[str]:
     ref = read_pointer(pointer)
     local = _scratch("llmpress-in-")
     try:
-        artifacts.get_dir(ref["uri"], local, plain_ok=ref.get("plain", False), tree=ref.get("tree") or None)
+        artifacts.get_dir(ref["uri"], local, plain_ok=ref.get("plain", False), tree=ref.get("tree") or None, pins=ref.get("objects"))
         if ref.get("plain"):  # only model.source is ever pointed at without a manifest
             check_model_dir(str(local), "model.source")
         yield str(local)
@@ -179,14 +179,20 @@ def read_pointer(path: Path) -> dict[str, Any]:
         problem = "tree must be 16 hex digits"
     elif not isinstance(ref.get("plain", False), bool):
         problem = "plain must be true or false"
+    elif ref.get("plain") and not (isinstance(ref.get("objects"), list) and all(
+            isinstance(o, dict) and set(o) == {"path", "size", "etag"} and isinstance(o["path"], str) and type(o["size"]) is int
+            and isinstance(o["etag"], str) for o in ref["objects"])):
+        problem = "a plain prefix's pointer pins its objects: objects must list path, size and etag of each"
     if problem:
         raise UserError(f"{path}: not an llmpress model pointer — {problem}")
     return ref
 
 
-def write_pointer(kfp_dir: str, uri: str, tree: str, size: int, plain: bool = False) -> None:
+def write_pointer(kfp_dir: str, uri: str, tree: str, size: int, plain: bool = False, objects: list[dict[str, Any]] | None = None) -> None:
+    """The pointer a KFP model artifact holds: a committed version (``tree``), or for a
+    prefix without a manifest the objects (path, size, ETag) that every reader must find."""
     Path(kfp_dir).mkdir(parents=True, exist_ok=True)
-    ref = {"format": POINTER_FORMAT, "uri": uri, "tree": tree, "bytes": size, "plain": plain}
+    ref = {"format": POINTER_FORMAT, "uri": uri, "tree": tree, "bytes": size, "plain": plain, **({"objects": objects} if plain else {})}
     (Path(kfp_dir) / POINTER).write_text(json.dumps(ref, indent=1))
 
 
@@ -198,8 +204,8 @@ def import_model(model_json: str, context_json: str, model_out: str) -> None:
     spec = ModelSpec.model_validate_json(model_json)
     context = _context(context_json)
     if spec.kind() == "s3" and not is_gguf(spec.source) and artifacts.is_s3(context.get("storage") or ""):
-        manifest = artifacts.committed(spec.source) or {}  # already in S3: point at it, copy nothing
-        write_pointer(model_out, spec.source, manifest.get("tree", ""), sum(f["size"] for f in manifest.get("files", [])), plain=not manifest)
+        pinned = artifacts.pin(spec.source)  # already in S3: point at it, copy nothing, but pin what is there now
+        write_pointer(model_out, spec.source, pinned["tree"], pinned["bytes"], plain=pinned["plain"], objects=pinned.get("objects"))
         log.info("model %s stays where it is; the steps read it from there", spec.source)
         return
     out = ModelOutput(model_out, context, "import", step_key(model_json))
