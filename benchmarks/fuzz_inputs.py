@@ -13,6 +13,7 @@ inputs for seconds in CI through hypothesis; this runs for minutes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -62,26 +63,22 @@ def recipe(data: bytes) -> None:
 
 @timed
 def manifest(data: bytes) -> None:
-    """Bytes as the manifest of a store that also holds the objects it names."""
+    """Bytes as the manifest of a store that also holds the objects it names (each
+    object ``x`` times its listed size, so that a consistent manifest downloads)."""
     case = WORK / "case"
     shutil.rmtree(case, ignore_errors=True)
     store, target = case / "store", case / "inside" / "dst"
     store.mkdir(parents=True)
-    fdp = atheris.FuzzedDataProvider(data)
-    raw = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4096))
     try:
-        parsed = json.loads(raw)
+        parsed = json.loads(data)
         for entry in parsed.get("files", []) if isinstance(parsed, dict) else []:
             key = f"{parsed.get('data')}{entry.get('path')}" if isinstance(entry, dict) else ""
-            if key and not key.startswith("/") and ".." not in key and "\x00" not in key:
+            if key and not key.startswith("/") and ".." not in key and "\x00" not in key and isinstance(entry.get("size"), int):
                 (store / key).parent.mkdir(parents=True, exist_ok=True)
-                (store / key).write_bytes(fdp.ConsumeBytes(64))
-        if isinstance(parsed, dict) and isinstance(parsed.get("files"), list) and fdp.ConsumeBool():
-            parsed["tree"] = artifacts.tree_id(parsed["files"])  # let the checks after the tree's be reached
-            raw = json.dumps(parsed).encode()
+                (store / key).write_bytes(b"x" * max(0, min(entry["size"], 4096)))
     except Exception:  # the fuzzer's own setup of the store: anything goes
         pass
-    (store / artifacts.MANIFEST).write_bytes(raw)
+    (store / artifacts.MANIFEST).write_bytes(data)
     before = everything(WORK)
     try:
         artifacts.get_dir(str(store), target, artifacts.Tuning(concurrency=1))
@@ -89,7 +86,12 @@ def manifest(data: bytes) -> None:
         assert err.problems and all("\n" not in p for p in err.problems), err.problems
     outside = {p for p in everything(WORK) - before if not p.startswith("case/inside/dst")} - {"case/inside"}
     if outside:
-        raise RuntimeError(f"written outside the target: {sorted(outside)[:5]} for {raw[:200]!r}")
+        raise RuntimeError(f"written outside the target: {sorted(outside)[:5]} for {data[:200]!r}")
+
+
+def _manifest_seed(paths: list[str], data: str = "llmpress-data/0123456789abcdef/") -> str:
+    files = [{"path": p, "size": 3, "sha256": hashlib.sha256(b"xxx").hexdigest()} for p in paths]
+    return json.dumps({"format": "llmpress-artifact/1", "tree": artifacts.tree_id(files), "data": data, "files": files})
 
 
 @timed
@@ -98,8 +100,7 @@ def spool_replay(data: bytes) -> None:
     case = WORK / "spool"
     shutil.rmtree(case, ignore_errors=True)
     (case / "records").mkdir(parents=True)
-    fdp = atheris.FuzzedDataProvider(data)
-    record = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048))
+    record = data
     try:
         parsed = json.loads(record)
         blob = parsed.get("blob") if isinstance(parsed, dict) else None
@@ -126,7 +127,10 @@ def main() -> None:
     fn = {"recipe": recipe, "manifest": manifest, "spool": spool_replay}[target]
     corpus = WORK / f"corpus-{target}"
     corpus.mkdir()
-    for i, seed in enumerate(SEEDS.get(target, [])):
+    seeds = {**SEEDS, "manifest": [_manifest_seed(["config.json", "sub/w.bin"]), _manifest_seed(["../x"]), _manifest_seed(["a", "a/b"])],
+             "spool": [json.dumps({"op": "log_artifact", "id": "r1", "run": "x", "name": "f.txt", "blob": "blobs/r1/f.txt"}),
+                       json.dumps({"op": "log_metrics", "id": "r2", "run": "spool-x", "metrics": {"a": 1}})]}
+    for i, seed in enumerate(seeds.get(target, [])):
         (corpus / f"seed-{i}").write_text(seed)
     print(f"fuzzing {target}; corpus {corpus}", flush=True)
     atheris.Setup([*sys.argv, str(corpus)], fn)
