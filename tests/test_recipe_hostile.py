@@ -15,7 +15,8 @@ from llmpress import untrusted_yaml
 from llmpress.components.errors import UserError
 from llmpress.recipe import load_recipe
 
-FAST = 1.0  # seconds: what "well under a second" must stay under even on a busy CI machine
+FAST = 1.0  # CPU seconds: what "well under a second" must stay under; CPU time, not wall time, so that a
+# machine busy with other work (CI runners, several test suites at once) does not count against the loader
 
 
 def alias_bomb(levels: int = 9) -> str:
@@ -28,10 +29,10 @@ def alias_bomb(levels: int = 9) -> str:
 def refused(write_recipe, text: str) -> tuple[str, float]:
     """The one line load_recipe answers, and how long it took."""
     path = write_recipe(text)
-    start = time.monotonic()
+    start = time.process_time()
     with pytest.raises(UserError) as err:
         load_recipe(path)
-    seconds = time.monotonic() - start
+    seconds = time.process_time() - start
     (line,) = err.value.problems
     assert line.startswith(f"recipe: {str(path)!r} — ")
     return line, seconds
@@ -69,10 +70,10 @@ def test_the_largest_recipe_under_the_limits_is_answered_well_under_a_second(wri
     entries = "".join(f"  key{i:05d}: value{i:05d}\n" for i in range(untrusted_yaml.MAX_NODES // 2 - 10))
     path = write_recipe("name: big\nmodel:\n" + entries)
     assert path.stat().st_size < untrusted_yaml.MAX_BYTES
-    start = time.monotonic()
+    start = time.process_time()
     with pytest.raises(UserError) as err:
         load_recipe(path)
-    assert time.monotonic() - start < FAST
+    assert time.process_time() - start < FAST
     assert len(err.value.problems) == 21 and err.value.problems[-1].startswith("recipe: ... and ")
 
 
@@ -137,7 +138,7 @@ YAML_PIECES = st.sampled_from(["name: ", "model: ", "stages:", "\n", "  ", "- ",
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(YAML_PIECES, max_size=40).map("".join) | st.text(max_size=200))
 def test_any_text_is_loaded_or_refused_with_user_errors(text):
-    start = time.monotonic()
+    start = time.process_time()
     try:
         data = untrusted_yaml.loads(text, "recipe: 'fuzz'")
     except UserError as err:
@@ -149,7 +150,7 @@ def test_any_text_is_loaded_or_refused_with_user_errors(text):
         parse_recipe(data)
     except UserError as err:
         assert err.problems and all(p for p in err.problems)
-    assert time.monotonic() - start < FAST
+    assert time.process_time() - start < FAST
 
 
 RECIPE_VALUES = st.recursive(
