@@ -27,14 +27,16 @@ from typing import Any
 from llmpress import untrusted_yaml
 from llmpress.components.errors import UserError, short
 from llmpress.components.kubeflow import overrides
+from llmpress.components.stages.quantize import SCHEME_FIELDS
 from llmpress.recipe import Recipe, parse_recipe
 
-# the settings of each kind a run may change (a stage of kind evaluate has none)
-STAGE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "quantize": ("scheme", "group_size"),
-    "prune": ("method", "sparsity"),
-    "distill": ("steps", "learning_rate", "temperature", "alpha"),
-    "evaluate": (),
+# the settings of each kind a run may change (a stage of kind evaluate has none), with the
+# type the run form takes: group_size is text, 'auto' or a number
+STAGE_PARAMETERS: dict[str, dict[str, type]] = {
+    "quantize": {"scheme": str, "group_size": str},
+    "prune": {"method": str, "sparsity": float},
+    "distill": {"steps": int, "learning_rate": float, "temperature": float, "alpha": float},
+    "evaluate": {},
 }
 TYPE_NAMES = {str: "text", int: "an integer", float: "a number"}
 # said in every stage parameter's description: the run form is where a user looks for it
@@ -84,21 +86,20 @@ def run_parameters(recipe: Recipe) -> list[RunParameter]:
     ]
     for i, stage in enumerate(recipe.stages):
         fields = type(stage).model_fields
-        for name in STAGE_PARAMETERS[stage.kind]:
-            if name == "group_size" and stage.scheme not in ("gptq-w4a16", "awq-w4a16"):
+        for name, kind in STAGE_PARAMETERS[stage.kind].items():
+            if name == "group_size" and stage.scheme not in SCHEME_FIELDS["group_size"]:
                 continue  # the other schemes refuse a group size
             if name == "sparsity" and stage.method == "structured":
                 continue  # structured pruning is sized by ffn/attention sparsity
             value = getattr(stage, name)
             if value is None and name == "sparsity":
                 value = 0.5  # what unstructured pruning uses when the recipe says nothing
-            if name in overrides.TEXT_NUMBERS:
-                value = str(value)
+            value = kind(value)  # alpha: 1 in a recipe is 1.0 in the form
             about = fields[name].description or name
             allowed = typing.get_args(fields[name].annotation)
             if allowed and all(isinstance(a, str) for a in allowed):
                 about += f"; one of {', '.join(allowed)}"
-            params.append(RunParameter(f"{_identifier(stage.name)}_{name}", ("stages", i, name), type(value), value,
+            params.append(RunParameter(f"{_identifier(stage.name)}_{name}", ("stages", i, name), kind, value,
                                        f"stage {stage.name} ({stage.kind}): {about} ({FIXED})"))
     names = [p.name for p in params]
     twice = sorted({n for n in names if names.count(n) > 1})

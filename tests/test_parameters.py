@@ -212,3 +212,11 @@ def test_a_bad_parameters_file_is_one_line(tmp_path, text, line):
     with pytest.raises(UserError) as err:
         parse_sets(parse(THREE_STAGES), [], path)
     assert err.value.problems == [line.format(path=path)]
+
+
+def test_a_number_written_as_an_integer_in_the_recipe_is_still_a_number_in_the_form():
+    from llmpress.parameters import run_parameters
+
+    recipe = dict(THREE_STAGES, stages=[{**THREE_STAGES["stages"][0], "alpha": 1}, *THREE_STAGES["stages"][1:]])
+    (alpha,) = [p for p in run_parameters(parse(recipe)) if p.name == "kd_alpha"]
+    assert (alpha.type, alpha.default) == (float, 1.0)
