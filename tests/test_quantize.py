@@ -21,7 +21,7 @@ from llmpress.components.stages.evaluate import perplexity
 
 CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
 EVALUATION = DataSpec(source="builtin:pydoc-eval", num_samples=16, seq_len=64)
-BOUND = {"gptq-w4a16": 1.05, "awq-w4a16": 1.05, "nf4": 1.05, "fp4": 1.05, "w8a8": 1.02, "fp8": 1.02, "int8": 1.02}
+BOUND = {"rtn-w4a16": 1.05, "gptq-w4a16": 1.05, "awq-w4a16": 1.05, "nf4": 1.05, "fp4": 1.05, "w8a8": 1.02, "fp8": 1.02, "int8": 1.02}
 MAX_BITS = {4: 8.0, 8: 11.0}  # the tied 16-bit embedding table is a third of the tiny model
 
 
@@ -207,7 +207,7 @@ def stage(**fields):
 
 
 BAD_SETTINGS = {  # noqa: E501 (one case a line reads best) case: (stage fields, text the one error line must contain)
-    "group-size-for-nf4": (stage(scheme="nf4", group_size=64), "stages[0].group_size: 64 — applies to scheme gptq-w4a16, awq-w4a16 only; this stage's scheme is 'nf4'"),  # noqa: E501
+    "group-size-for-nf4": (stage(scheme="nf4", group_size=64), "stages[0].group_size: 64 — applies to scheme rtn-w4a16, gptq-w4a16, awq-w4a16 only; this stage's scheme is 'nf4'"),  # noqa: E501
     "threshold-for-gptq": (stage(scheme="gptq-w4a16", int8_threshold=4.0), "stages[0].int8_threshold: 4.0 — applies to scheme int8 only"),
     "negative-threshold": (stage(scheme="int8", int8_threshold=-1), "stages[0].int8_threshold: -1 — Input should be greater than or equal to 0"),
     "double-quant-for-int8": (stage(scheme="int8", double_quant=False), "stages[0].double_quant: False — applies to scheme nf4, fp4 only"),
@@ -218,7 +218,7 @@ BAD_SETTINGS = {  # noqa: E501 (one case a line reads best) case: (stage fields,
     "budget-missing": (stage(scheme="nf4", auto_ignore={}), "stages[0].auto_ignore.budget: missing — required"),
     "unknown-scheme": (stage(scheme="int4"), "stages[0].scheme: 'int4' — Input should be"),
     "group-size-word": (stage(scheme="gptq-w4a16", group_size="big"), "stages[0].group_size: 'big' — allowed: 32, 64, 128, 256, or -1 (per output channel), or 'auto'"),  # noqa: E501
-    "group-size-auto-for-fp8": (stage(scheme="fp8", group_size=64), "stages[0].group_size: 64 — applies to scheme gptq-w4a16, awq-w4a16 only"),
+    "group-size-for-fp8": (stage(scheme="fp8", group_size=64), "stages[0].group_size: 64 — applies to scheme rtn-w4a16, gptq-w4a16, awq-w4a16 only"),
 }
 
 

@@ -341,8 +341,8 @@ def run_stage(model_in: str, model_out: str, stage_json: str, calibration_json: 
                                        {"llmpress.recipe": context["recipe"], "llmpress.step_key": key})
     tracking.log_metrics(run_id, metrics, model=model_id)
     tracking.finish(run_id)
-    log.info("stage %s finished in %.1fs: %.2f MB, %.2f bits/parameter", stage["name"], metrics["wall_time_s"],
-             metrics.get("size_bytes", 0) / 1e6, metrics.get("bits_per_parameter", 0))
+    bits = f", {metrics['bits_per_parameter']:.2f} bits/parameter" if "bits_per_parameter" in metrics else ""
+    log.info("stage %s finished in %.1fs: %.2f MB%s", stage["name"], metrics["wall_time_s"], metrics.get("size_bytes", 0) / 1e6, bits)
     chain["stages"].append({"name": stage["name"], "kind": stage["kind"], "metrics": metrics, "run_id": run_id, "model_uri": model_uri, "key": key,
                             "model_id": model_id, "datasets": [used] if used else []})
     return json.dumps(chain), metrics
@@ -352,6 +352,15 @@ def _model_location(model_dir: str) -> str:
     """Where a step's input model lives: the URI its pointer names, or the folder."""
     pointer = Path(model_dir) / POINTER
     return read_pointer(pointer)["uri"] if pointer.is_file() else str(Path(model_dir).resolve())
+
+
+def measurement_key(config_json: str, data_json: str) -> str:
+    """What makes two evaluations comparable: the text and windows, stride and tasks
+    (an evaluation's own ``data`` replaces the recipe's)."""
+    config = json.loads(config_json)
+    settings = {k: config.get(k) for k in ("stride", "tasks", "task_limit", "num_fewshot")}
+    data = config.get("data") or json.loads(data_json)
+    return step_key(json.dumps(DataSpec.model_validate(data).model_dump(), sort_keys=True), json.dumps(settings, sort_keys=True))
 
 
 @user_errors_exit
@@ -365,16 +374,24 @@ def evaluate(model_in: str, config_json: str, data_json: str, target: str, field
     still recorded in the run that reuses it."""
     evals = json.loads(evals_json) if evals_json else {"baseline": None, "evaluations": []}
     config = evaluate_stage.EvaluateConfig.model_validate_json(config_json)
+    key = measurement_key(config_json, data_json)
+    baselines = evals.setdefault("baselines", {})
     data = local_data(config.data or DataSpec.model_validate_json(data_json), f"{field}.data" if config.data else "data.evaluation")
     texts = load_texts(data, "data.evaluation")
-    baseline = evals["baseline"]["metrics"] if target != "baseline" else None
+    # ratios only against a baseline measured on the same data and windows (the pipeline adds one where needed)
+    baseline = baselines.get(key) if target != "baseline" else None
+    if target != "baseline" and baseline is None:
+        log.info("evaluation of %s: no baseline was measured with these settings, so no ratios", target)
     with model_input(model_in) as local:
         metrics = evaluate_stage.run(local, config, data, texts, baseline=baseline, field=field)
+    if baseline is not None and evals["baseline"] and baseline is not evals["baseline"]["metrics"]:
+        metrics["baseline_perplexity"] = baseline["perplexity"]  # not the report's baseline row: say what the ratio is against
     spec = config.data or DataSpec.model_validate_json(data_json)
     record = {"target": target, "metrics": metrics, "config": json.loads(config_json), "model_uri": _model_location(model_in),
               "dataset": logged_models.dataset_input(describe(spec, data.source if spec.source.startswith("s3://") else None), "evaluation")}
     if target == "baseline":
-        evals["baseline"] = record
+        baselines[key] = metrics
+        evals["baseline"] = evals["baseline"] or record  # the first is the report's baseline row
     else:
         evals["evaluations"].append(record)
     log.info("evaluation of %s: perplexity %.3f over %d tokens", target, metrics["perplexity"], metrics["eval_tokens"])

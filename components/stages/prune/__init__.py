@@ -165,6 +165,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
         "nonzero_parameters": nonzero,
         "size_bytes_before": weights_size_bytes(model_dir),
         "size_bytes": weights_size_bytes(out_dir),
+        "bits_per_parameter": 8 * weights_size_bytes(out_dir) / params_after,
         "latency_ms_before": latency_before * 1e3,
         "latency_ms_after": latency_after * 1e3,
         "forward_speedup": latency_before / latency_after,
@@ -289,6 +290,15 @@ def _structured(model: Any, config: PruneConfig, samples: list[list[int]], devic
     attention = config.attention_sparsity if config.attention_sparsity is not None else (part_default or 0.0)
     ffn = config.ffn_sparsity if config.ffn_sparsity is not None else part_default
     groups_kept, channels_kept = prune_structured.plan(model, params_before, attention, ffn, config.target_parameters, config.channel_multiple)
+    attention_field = "attention_sparsity" if config.attention_sparsity is not None else "sparsity"
+    attention_removed = prune_structured.check_rounding(attention_field, attention, groups_kept, shape.kv_heads, "key/value groups")
+    amounts = {"attention_sparsity_asked": attention, "attention_sparsity_removed": attention_removed}
+    if config.target_parameters is None:
+        ffn_field = "ffn_sparsity" if config.ffn_sparsity is not None else "sparsity"
+        ffn_removed = prune_structured.check_rounding(ffn_field, ffn or 0.0, channels_kept, shape.intermediate, "FFN channels")
+        amounts |= {"ffn_sparsity_asked": ffn or 0.0, "ffn_sparsity_removed": ffn_removed}
+    log.info("structured: removing %d of %d key/value groups (%.3g, asked %.3g) and %d of %d FFN channels per layer",
+             shape.kv_heads - groups_kept, shape.kv_heads, attention_removed, attention, shape.intermediate - channels_kept, shape.intermediate)
     scores = prune_structured.importance(model, samples, device)
     kept = prune_structured.choose(scores, groups_kept, channels_kept)
     prune_structured.shrink(model, kept)
@@ -297,6 +307,6 @@ def _structured(model: Any, config: PruneConfig, samples: list[list[int]], devic
         "heads_before": shape.heads, "heads_after": groups_kept * shape.group_size,
         "kv_heads_before": shape.kv_heads, "kv_heads_after": groups_kept,
         "intermediate_size_before": shape.intermediate, "intermediate_size_after": channels_kept,
-        "layers": summary,
+        **amounts, "layers": summary,
     }
     return metrics, detail

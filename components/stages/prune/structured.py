@@ -215,3 +215,21 @@ def report(shape: Shape, kept: list[tuple[list[int], list[int]]]) -> tuple[list[
         })
         detail.append({"layer": i, "kept_kv_groups": groups, "kept_channels": channels})
     return summary, detail
+
+
+# Whole units remove a fraction in steps of 1/units: an amount that lands further than
+# this from what was asked is refused, not silently changed (SmolLM2-135M has 3 key/value
+# groups: 0.2 of them would remove one, a third of its query heads).
+ROUNDING_TOLERANCE = 0.05
+
+
+def check_rounding(field: str, asked: float, kept: int, units: int, unit_name: str) -> float:
+    """The fraction of ``units`` actually removed when ``kept`` remain; a UserError naming
+    the fractions this model allows when it is further than ``ROUNDING_TOLERANCE`` from ``asked``."""
+    removed = (units - kept) / units
+    if abs(removed - asked) > ROUNDING_TOLERANCE:
+        steps = ", ".join(f"{k / units:.3g}" for k in range(units) if units <= 16 or k % max(1, units // 8) == 0)
+        raise UserError.field(field, asked, f"this model has {units} {unit_name} per layer, removed whole: {units - kept} of {units} "
+                              f"({removed:.3g}) is the nearest, further than {ROUNDING_TOLERANCE} from what was asked; "
+                              f"fractions this model allows: {steps}")
+    return removed

@@ -1,6 +1,6 @@
 """Quantization: one config, one ``run()``, any scheme.
 
-llm-compressor schemes (``gptq-w4a16``, ``awq-w4a16``, ``w8a8``, ``fp8``) run through
+llm-compressor schemes (``rtn-w4a16``, ``gptq-w4a16``, ``awq-w4a16``, ``w8a8``, ``fp8``) run through
 ``oneshot`` on a model loaded on the CPU, so its sequential pipeline onloads one decoder
 layer at a time to the GPU (a model larger than GPU memory still quantizes), and are
 saved in compressed-tensors format, written once right after calibration so that a
@@ -36,8 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 log = logging.getLogger("llmpress.quantize")
 
-Scheme = Literal["gptq-w4a16", "awq-w4a16", "w8a8", "fp8", "int8", "nf4", "fp4"]
-LLMCOMPRESSOR_SCHEMES = ("gptq-w4a16", "awq-w4a16", "w8a8", "fp8")
+Scheme = Literal["rtn-w4a16", "gptq-w4a16", "awq-w4a16", "w8a8", "fp8", "int8", "nf4", "fp4"]
+LLMCOMPRESSOR_SCHEMES = ("rtn-w4a16", "gptq-w4a16", "awq-w4a16", "w8a8", "fp8")
+# no calibration data: weights are rounded to the nearest grid point (rtn) or scaled per token at run time (fp8)
+DATA_FREE_SCHEMES = ("rtn-w4a16", "fp8")
 BNB_SCHEMES = quantize_bnb.SCHEMES
 DEFAULT_IGNORE = ["lm_head"]
 MIXED_PRECISION_REPORT = "llmpress-mixed-precision.json"
@@ -45,8 +47,8 @@ MIXED_PRECISION_REPORT = "llmpress-mixed-precision.json"
 # Settings that mean something for some schemes only: setting one for another scheme is
 # a mistake worth one clear line rather than a silently ignored field.
 SCHEME_FIELDS: dict[str, tuple[str, ...]] = {
-    "group_size": ("gptq-w4a16", "awq-w4a16"),
-    "symmetric": ("gptq-w4a16", "awq-w4a16"),
+    "group_size": quantize_mixed.INT4_SCHEMES,
+    "symmetric": quantize_mixed.INT4_SCHEMES,
     "actorder": ("gptq-w4a16", "w8a8"),
     "dampening_frac": ("gptq-w4a16", "w8a8"),
     "smoothing_strength": ("w8a8",),
@@ -73,7 +75,7 @@ class QuantizeConfig(BaseModel):
     scheme: Scheme = Field(description="quantization technique")
     group_size: GroupSizeOrAuto = Field("auto", description="weights per scale (gptq/awq): 32, 64, 128, 256, -1 for one scale per output "
                                         "channel, or auto: the largest of 128, 64, 32 that divides every quantized layer")
-    symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (gptq/awq); default: gptq symmetric, awq asymmetric")
+    symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (rtn/gptq/awq); default: gptq symmetric, awq and rtn asymmetric")
     actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal (gptq-w4a16, w8a8)")
     smoothing_strength: float = Field(0.8, gt=0, lt=1, description="SmoothQuant migration strength alpha (w8a8)")
@@ -174,7 +176,7 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
         load_s = time.time() - phase
         num_parameters = count_parameters(model)
         config = _fit_group_size(model, config)  # before calibration: a misfit would fail only inside oneshot
-        calibrated = config.scheme != "fp8"  # FP8_DYNAMIC needs no data; auto_ignore does
+        calibrated = config.scheme not in DATA_FREE_SCHEMES  # auto_ignore still needs data
         samples = calibration_samples(calibration, tokenizer, texts) if calibrated or config.auto_ignore else []
         ignore, extra = _mixed_precision(model, config, samples, num_parameters, device)
         quantized = [name for name, _ in linear_weights(model) if name not in ignore]
@@ -277,8 +279,9 @@ def _write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
 
 
 def _symmetric(config: QuantizeConfig) -> bool:
-    # AWQ's published recipe (and AutoAWQ's default) uses zero points; GPTQ's does not
-    return config.symmetric if config.symmetric is not None else config.scheme != "awq-w4a16"
+    # AWQ's published recipe (and AutoAWQ's default) uses zero points, and so does the RTN
+    # baseline of the AWQ paper's tables; GPTQ's does not
+    return config.symmetric if config.symmetric is not None else config.scheme == "gptq-w4a16"
 
 
 @contextlib.contextmanager
@@ -317,6 +320,8 @@ def llmcompressor_recipe(config: QuantizeConfig, ignore: list[str]) -> list[Any]
         **actorder,
     )
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if config.scheme == "rtn-w4a16":  # round-to-nearest: observe each weight's min/max, nothing else
+        return [QuantizationModifier(config_groups=groups, ignore=ignore)]
     if config.scheme == "awq-w4a16":
         return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=ignore)]
     return [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=config.dampening_frac, **actorder)]

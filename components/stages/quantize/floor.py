@@ -15,6 +15,7 @@ from typing import Any
 
 # weight bits, and how many weights share a scale: "group" (the stage's group_size) or "channel"
 SCHEME_GRIDS: dict[str, tuple[int, str]] = {
+    "rtn-w4a16": (4, "group"),
     "gptq-w4a16": (4, "group"),
     "awq-w4a16": (4, "group"),
     "w8a8": (8, "channel"),

@@ -23,6 +23,8 @@ from llmpress.components.errors import UserError
 
 log = logging.getLogger("llmpress.quantize")
 
+# 4-bit integer weights in groups, compressed-tensors' pack-quantized format
+INT4_SCHEMES = ("rtn-w4a16", "gptq-w4a16", "awq-w4a16")
 HEADER_BYTES_PER_TENSOR = 110  # a safetensors header entry: name, dtype, shape, offsets (measured: 100-110)
 
 
@@ -62,7 +64,7 @@ def _matches(pattern: str, name: str) -> bool:
 
 def quantized_bits(scheme: str, in_features: int, group_size: int = 128, symmetric: bool = True, double_quant: bool = True) -> float:
     """Bits one weight of a Linear takes on disk under ``scheme``, its scales included."""
-    if scheme in ("gptq-w4a16", "awq-w4a16"):
+    if scheme in INT4_SCHEMES:
         group = group_size if group_size > 0 else in_features
         return 4 + (16 + (0 if symmetric else 4)) / group  # bf16 scale, packed int4 zero point
     if scheme in ("w8a8", "fp8"):
@@ -80,7 +82,7 @@ def layer_overhead_bytes(scheme: str, symmetric: bool = True, double_quant: bool
     (and weight_zero_point when asymmetric); bitsandbytes 4-bit adds absmax, a 16-entry
     quant_map, its JSON quant_state and, with double quant, nested_absmax and a
     256-entry nested_quant_map; LLM.int8() adds SCB and weight_format."""
-    if scheme in ("gptq-w4a16", "awq-w4a16"):
+    if scheme in INT4_SCHEMES:
         return 16 + (2 if symmetric else 3) * HEADER_BYTES_PER_TENSOR
     if scheme in ("w8a8", "fp8"):
         return HEADER_BYTES_PER_TENSOR
@@ -119,7 +121,7 @@ def fake_quantizer(scheme: str, group_size: int = 128, symmetric: bool = True, d
         q, state = F.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type=scheme, compress_statistics=double_quant)
         return F.dequantize_4bit(q, state).to(w.dtype)
 
-    if scheme in ("gptq-w4a16", "awq-w4a16"):
+    if scheme in INT4_SCHEMES:
         return lambda w: rtn_int(w, 4, group_size, symmetric)
     if scheme in ("w8a8", "int8"):
         return lambda w: rtn_int(w, 8, -1, True)
