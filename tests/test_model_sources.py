@@ -150,3 +150,13 @@ def test_builtin_smollm2_converts_and_reloads_with_its_chat_tokens():
                                            return_tensors="pt", return_dict=True)
     answer = tokenizer.decode(model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:])
     assert "Paris" in answer
+
+
+def test_evaluation_of_a_gguf_source_names_its_quantization(converted):
+    from llmpress.components.data import DataSpec, load_texts
+    from llmpress.components.stages.evaluate import EvaluateConfig, run
+
+    data = DataSpec(source="builtin:pydoc-eval", num_samples=2, seq_len=32)
+    metrics = run(converted, EvaluateConfig(sample_tokens=0), data, load_texts(data))
+    assert (metrics["source_format"], metrics["source_gguf_quantization"]) == ("gguf", "Q8_0")
+    assert metrics["source_sha256"] == gguf.read_source_record(converted)["sha256"]

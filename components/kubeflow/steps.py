@@ -425,6 +425,9 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
 
     baseline_run, current_model = evaluation_run("baseline", evals["baseline"], None)
     baseline_model = current_model
+    provenance = {k: v for k, v in evals["baseline"]["metrics"].items() if k.startswith("source_")}
+    for run_id in (parent, baseline_run) if provenance else ():  # a GGUF source: its quantization type and hash, searchable in MLflow
+        tracking.log_params(run_id, provenance)
     records = []
     for stage in recipe["stages"]:
         name, evaluation = stage["name"], evaluated.get(stage["name"])

@@ -94,6 +94,7 @@ def run(
         "num_parameters": num_parameters,
         "bits_per_parameter": 8 * size / num_parameters,
         **sparsity(model),
+        **source_provenance(model_dir),
     }
     stream = token_stream(texts, tokenizer)
     with peak_memory(device) as peak:
@@ -115,6 +116,18 @@ def run(
     if baseline:
         metrics.update(ratios(metrics, baseline))
     return metrics
+
+
+def source_provenance(model_dir: str | Path) -> dict[str, str]:
+    """Where a model converted from a GGUF file came from (its weights were dequantized
+    from that format, so the 'baseline' is itself a quantized model): ``source_*`` labels."""
+    from llmpress.components.models.gguf import read_source_record
+
+    record = read_source_record(model_dir)
+    if record is None:
+        return {}
+    return {"source_format": record["format"], "source_file": record["file"], "source_sha256": record["sha256"],
+            "source_gguf_quantization": record["gguf_quantization"]}
 
 
 def ratios(metrics: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
