@@ -63,7 +63,7 @@ def test_every_parameter_has_a_description_naming_its_recipe_field(compiled):
     assert inputs["gptq_group_size"]["description"].startswith("stage gptq (quantize): weights per scale")
     fixed = "(its GPUs, node selector and tolerations are fixed when the pipeline is compiled)"
     assert inputs["gptq_group_size"]["description"].endswith(f"{fixed}. Recipe field: stages[2].group_size")
-    assert "one of gptq-w4a16, awq-w4a16, w8a8, fp8, int8, nf4, fp4" in inputs["gptq_scheme"]["description"]
+    assert "one of rtn-w4a16, gptq-w4a16, awq-w4a16, w8a8, fp8, int8, nf4, fp4" in inputs["gptq_scheme"]["description"]
     assert "one of sparsegpt, wanda, magnitude, structured" in inputs["wanda_method"]["description"]
     assert all("Recipe field: " in spec["description"] for spec in inputs.values())
 
@@ -127,7 +127,7 @@ def test_a_changed_value_replaces_the_recipe_field_and_an_unchanged_one_leaves_i
 @pytest.mark.parametrize(("values", "line"), [
     ({"gptq_group_size": "7"}, f"gptq_group_size: 7 — allowed: 32, 64, 128, 256, {AUTO} for stages[2].group_size)"),
     ({"wanda_sparsity": 1.5}, "wanda_sparsity: 1.5 — Input should be less than 1 (run parameter for stages[1].sparsity)"),
-    ({"gptq_scheme": "int3"}, "gptq_scheme: 'int3' — Input should be 'gptq-w4a16', 'awq-w4a16', 'w8a8', 'fp8', 'int8', 'nf4' or 'fp4' "
+    ({"gptq_scheme": "int3"}, "gptq_scheme: 'int3' — Input should be 'rtn-w4a16', 'gptq-w4a16', 'awq-w4a16', 'w8a8', 'fp8', 'int8', 'nf4' or 'fp4' "
                               "(run parameter for stages[2].scheme)"),
     ({"kd_steps": "many"}, "kd_steps: 'many' — must be an integer (sets stages[0].steps)"),
     ({"gpus": 2}, "parameter: 'gpus' — not a run parameter of three; known: " + ", ".join(EXPECTED_DEFAULTS)),
