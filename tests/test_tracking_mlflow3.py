@@ -96,8 +96,8 @@ def test_the_registry_version_is_made_from_the_final_logged_model(server):
     tracking.register_model("t3-final", "s3://models/r3/gptq/k", parent, {"perplexity": 11.5}, model=model)
     client = MlflowClient(server.url)
     (version,) = client.search_model_versions("name = 't3-final'")
-    assert version.source == f"models:/{model}" and version.run_id == parent
-    assert version.tags["llmpress.model_uri"] == "s3://models/r3/gptq/k" and version.tags["metric.perplexity"] == "11.5"
+    assert version.source == "s3://models/r3/gptq/k" and version.run_id == parent  # a deployment downloads the weights from there
+    assert version.tags["llmpress.model_id"] == model and version.tags["metric.perplexity"] == "11.5"
     assert json.loads(client.get_logged_model(model).tags[logged_models.MODEL_VERSIONS_TAG]) == [{"name": "t3-final", "version": 1}]
 
 
@@ -155,7 +155,7 @@ def test_every_new_record_kind_is_replayed_exactly_once_after_an_outage(server, 
     assert [o.model_id for o in client.get_run(parent).outputs.model_outputs] == [real_model]
     assert len(client.get_metric_history(real_stage, "system/cpu_utilization_percentage")) >= 1
     (version,) = client.search_model_versions("name = 't3-outage-final'")
-    assert version.source == f"models:/{real_model}"
+    assert version.source == "s3://models/r4/gptq/k" and version.tags["llmpress.model_id"] == real_model
 
 
 def test_the_parent_run_links_to_its_kubeflow_run_as_kfp_does(server, monkeypatch):

@@ -250,7 +250,7 @@ def _register(client: Any, record: dict[str, Any]) -> None:
         return
     from llmpress.components.tracking import logged_models
 
-    logged_models.register_version(client, record["name"], model, record["run"], {**record["tags"], "llmpress.spool_id": spool_id})
+    logged_models.register_version(client, record["name"], model, record["run"], record["source"], {**record["tags"], "llmpress.spool_id": spool_id})
 
 
 def sync(spool: str | None = None) -> int:
@@ -328,14 +328,11 @@ def finish(run_id: str | None, status: str = "FINISHED") -> None:
 
 def register_model(name: str, source: str, run_id: str | None, metrics: dict[str, Any], model: str | None = None) -> None:
     """A new version of ``name`` in the Model Registry, linked to the parent run, its
-    metrics as tags. With ``model`` (a logged model's id) the version is made from that
-    logged model (source ``models:/<id>``, as MLflow's own "Register model" does) and
-    ``source`` is kept as its ``llmpress.model_uri`` tag; without, the version points
-    at ``source``, the model's artifact."""
+    metrics as tags, pointing at ``source`` (the model's artifact). With ``model`` (a
+    logged model's id) the version is made from that logged model: MLflow's
+    ``model_id``, its ``llmpress.model_id`` tag, and the logged model lists the version."""
     if run_id:
         tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        if model:
-            tags["llmpress.model_uri"] = source
         _submit({"op": "register", "run": run_id, "name": name, "source": source, "tags": tags, **({"model": model} if model else {})})
 
 

@@ -140,10 +140,11 @@ def _model_of(client: Any, experiment_id: str, name: str, model_uri: str) -> Any
             return None
 
 
-def register_version(client: Any, name: str, model: str, run_id: str, tags: dict[str, str]) -> None:
-    """A version of registered model ``name`` made from logged model ``model`` (as the
-    UI's "Register model" does: source ``models:/<id>``), listed on the logged model."""
-    version = client.create_model_version(name, f"models:/{model}", run_id=run_id, tags=tags, model_id=model)
+def register_version(client: Any, name: str, model: str, run_id: str, source: str, tags: dict[str, str]) -> None:
+    """A version of registered model ``name`` made from logged model ``model`` (MLflow's
+    ``model_id``), its source the weights' own location (so that a deployment downloads
+    them, not the logged model's empty MLflow folder), listed on the logged model."""
+    version = client.create_model_version(name, source, run_id=run_id, tags={**tags, "llmpress.model_id": model}, model_id=model)
     logged = client.get_logged_model(model)
     listed = json.loads(logged.tags.get(MODEL_VERSIONS_TAG) or "[]")
     entry = {"name": name, "version": int(version.version)}  # the shape MLflow's server writes
