@@ -60,7 +60,7 @@ if ((local_base)); then
     # cannot be pulled, Debian has no nvcc 13), so DeepSpeed's fused Adam, a CUDA op, is not
     # pre-built there; CPU Adam (C++) is.
     base_args_cuda=(--pull=never --build-arg CUDA_DEVEL=$LOCAL_BASE --build-arg CUDA_RUNTIME=$LOCAL_BASE
-        --build-arg PYTHON=python3.11 --build-arg DS_BUILD_FUSED_ADAM=0)
+        --build-arg PYTHON=python3.11 --build-arg DS_BUILD_FUSED_ADAM=0 --build-arg DS_ACCELERATOR=cpu)
 fi
 [[ $what == cuda ]] || build llmpress-cpu cpu.Dockerfile "${base_args_cpu[@]}"
 [[ $what == cpu ]] || build llmpress-cuda cuda.Dockerfile "${base_args_cuda[@]}"

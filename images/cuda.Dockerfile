@@ -26,6 +26,9 @@ WORKDIR /src
 # (0 skips an op: only for a build base without nvcc; the image then JIT-compiles it.)
 ARG DS_BUILD_FUSED_ADAM=1
 ARG DS_BUILD_CPU_ADAM=1
+# A build host has no GPU: without this DeepSpeed detects the 'cpu' accelerator and builds
+# its ops for that (seen in the local build: accelerator_name='cpu', fused_adam skipped).
+ARG DS_ACCELERATOR=cuda
 ENV TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0"
 # Every package from the hash-pinned locks (images/lock.sh): first pip, the build backend
 # and what DeepSpeed's setup.py compiles against (torch), then the rest without build

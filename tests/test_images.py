@@ -211,3 +211,9 @@ def test_markers_of_the_cuda_lock_keep_the_cuda_libraries_on_linux_x86_64():
     for line in text.splitlines():
         if line.startswith("nvidia-") and ";" in line:
             assert Marker(line.split(";", 1)[1].split("--hash")[0].strip()).evaluate(env), line[:80]
+
+
+def test_cuda_image_builds_deepspeed_ops_for_cuda_on_a_gpu_less_build_host():
+    args = {arg.split("=", 1)[0]: arg.split("=", 1)[1] for word, arg in instructions(IMAGES / "cuda.Dockerfile") if word == "ARG" and "=" in arg}
+    assert args["DS_ACCELERATOR"] == "cuda" and args["DS_BUILD_FUSED_ADAM"] == "1" and args["DS_BUILD_CPU_ADAM"] == "1"
+    assert args["CUDA_DEVEL"].startswith("nvidia/cuda:13.")  # nvcc's CUDA major = PyPI torch 2.13.0's (13.0)
