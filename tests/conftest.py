@@ -110,3 +110,13 @@ def cli_env_on_s3(server: Any, bucket: str) -> tuple[dict[str, str], Any]:
                           aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     return env, client
+
+
+@pytest.fixture(autouse=True)
+def fresh_tracking_state():
+    """Tracking keeps per-process state (offline after an outage, the spool in use): a test
+    that leaves it offline must not turn the next test's records into spool files."""
+    yield
+    from llmpress.components import tracking
+
+    tracking._state.update(offline=False, spool=None, ids=None)
