@@ -121,6 +121,16 @@ def test_evaluation_labels_every_figure_with_device_and_measurement(evaluated):
     assert base["generation_sample"].startswith("The following example shows how to")
 
 
+def test_cpu_evaluation_computes_in_float32_unless_the_cpu_has_native_bf16(evaluated):
+    from llmpress.components.stages.evaluate import compute_dtype
+
+    base, _ = evaluated  # the tiny model is stored in bfloat16
+    flags = open("/proc/cpuinfo").read().split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert base["eval_dtype"] == ("bfloat16" if native else "float32")
+    assert compute_dtype("cuda") == "auto"
+
+
 def test_every_shared_figure_gets_a_ratio_to_the_baseline(evaluated):
     base, again = evaluated
     assert again["perplexity_ratio"] == pytest.approx(1.0)  # same model, deterministic
