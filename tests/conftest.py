@@ -120,3 +120,33 @@ def fresh_tracking_state():
     from llmpress.components import tracking
 
     tracking._state.update(offline=False, spool=None, ids=None)
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory):
+    """moto's S3 server, for tests that run on every kind of store."""
+    from servers import s3_server
+
+    server = s3_server(tmp_path_factory.mktemp("moto"), "moto").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=("local", "seaweedfs", "moto"))
+def store_uri(request, tmp_path, monkeypatch):
+    """An empty artifact URI on each kind of store (a folder, SeaweedFS, moto), the
+    environment pointing at it."""
+    if request.param == "local":
+        return str(tmp_path / "store" / "m")
+    import uuid
+
+    import boto3
+    from servers import s3_env
+
+    server = request.getfixturevalue("s3_server" if request.param == "seaweedfs" else "moto_server")
+    for key, value in s3_env(server).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    bucket = f"s-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/m"

@@ -19,33 +19,6 @@ from llmpress.components.errors import UserError
 from llmpress.components.kubeflow import steps
 from llmpress.components.tracking import spool
 
-STORES = ("local", "seaweedfs", "moto")
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    from servers import s3_server
-
-    server = s3_server(tmp_path_factory.mktemp("moto"), "moto").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(params=STORES)
-def store_uri(request, tmp_path, monkeypatch):
-    """An empty artifact URI on each kind of store, the environment pointing at it."""
-    if request.param == "local":
-        return str(tmp_path / "store" / "m")
-    from servers import s3_env
-
-    server = request.getfixturevalue("s3_server" if request.param == "seaweedfs" else "moto_server")
-    for key, value in s3_env(server).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    bucket = f"h-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/m"
-
 
 def tuning() -> Tuning:
     return Tuning(concurrency=2, retry_seconds=5)
