@@ -150,3 +150,15 @@ def store_uri(request, tmp_path, monkeypatch):
     bucket = f"s-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/m"
+
+
+@pytest.fixture
+def server(mlflow_server, monkeypatch, tmp_path):
+    """The session's MLflow server as this process's tracking URI, with a fresh spool."""
+    from llmpress.components import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    tracking.use_spool(str(tmp_path / "spool"))
+    yield mlflow_server
+    if mlflow_server.proc is None:  # a test that killed it leaves it running for the next
+        mlflow_server.start()

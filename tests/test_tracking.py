@@ -5,21 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
 from conftest import run_cli
 from llmpress.components import tracking
 from llmpress.components.tracking import spool as tracking_spool
 from mlflow.tracking import MlflowClient
-
-
-@pytest.fixture
-def server(mlflow_server, monkeypatch, tmp_path):
-    """The session's server as this process's tracking URI, with a fresh spool."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    tracking.use_spool(str(tmp_path / "spool"))
-    yield mlflow_server
-    if mlflow_server.proc is None:  # a test that killed it leaves it running for the next
-        mlflow_server.start()
 
 
 def children(client: MlflowClient, parent: str) -> dict[str, object]:

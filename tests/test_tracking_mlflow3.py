@@ -8,23 +8,12 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 from conftest import run_cli
 from llmpress.components import report, tracking
 from llmpress.components.data import DataSpec, describe
 from llmpress.components.tracking import links, logged_models, system_metrics
 from llmpress.components.tracking import spool as tracking_spool
 from mlflow.tracking import MlflowClient
-
-
-@pytest.fixture
-def server(mlflow_server, monkeypatch, tmp_path):
-    """The session's server as this process's tracking URI, with a fresh spool."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    tracking.use_spool(str(tmp_path / "spool"))
-    yield mlflow_server
-    if mlflow_server.proc is None:  # a test that killed it leaves it running for the next
-        mlflow_server.start()
 
 
 def evaluation_data(tmp_path, text: str = "held-out text\n") -> dict:

@@ -56,7 +56,14 @@ def quality_vs_size(results: dict[str, Any], earlier: list[dict[str, Any]], path
         ax.grid(alpha=0.3)
         if old or len(front) > 1:
             ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{results.get('recipe', {}).get('name', 'llmpress run')}: quality against size")
+    return save_figure(fig, f"{results.get('recipe', {}).get('name', 'llmpress run')}: quality against size", path)
+
+
+def save_figure(fig: Any, title: str, path: str | Path) -> Path:
+    """Title ``fig``, write it to ``path`` as the report's plots are written, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

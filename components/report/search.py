@@ -182,6 +182,7 @@ def front_plot(results: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from llmpress.components.report.plot import save_figure
 
     search = results["search"]
     base = results["baseline"]["metrics"]
@@ -211,12 +212,7 @@ def front_plot(results: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel("perplexity (lower is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{results.get('recipe', {}).get('name', 'search')}: candidates and Pareto front (hollow: screened out)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, f"{results.get('recipe', {}).get('name', 'search')}: candidates and Pareto front (hollow: screened out)", path)
 
 
 def _batch(key: str) -> int:
