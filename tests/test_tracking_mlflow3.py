@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from conftest import run_cli
 from llmpress.components import report, tracking
@@ -94,7 +95,9 @@ def test_system_metrics_are_sampled_into_the_stage_run(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.3")
     run = tracking.start_run("t3-system", "gptq", {}, {})
     with system_metrics.recording(run):
-        sum(i * i for i in range(3_000_000))  # some CPU work while it samples
+        deadline = time.monotonic() + 2.0  # CPU work for several sampling intervals, however fast the machine
+        while time.monotonic() < deadline:
+            sum(i * i for i in range(100_000))
     tracking.finish(run)
     client = MlflowClient(server.url)
     cpu = client.get_metric_history(run, "system/cpu_utilization_percentage")
