@@ -8,7 +8,11 @@ output with the evaluate stage on both texts. Results go to a JSON file row by r
 a rerun skips the rows already measured (``--redo NAME`` measures one again); the
 Markdown table is printed from that file.
 
-    python benchmarks/quality_smollm2.py --out /tmp/quality.json [--rows NAME ...] [--table-only]
+    python benchmarks/quality_smollm2.py --out /tmp/quality.json [--device cuda] [--rows NAME ...] [--table-only]
+
+A row that fails is recorded with its error (one line) and the next row runs; rerunning
+measures it again. One results file holds one device's rows: the baseline is measured on
+that device, so every ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,9 @@ CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=64, seq_len=256
 TRAINING = DataSpec(source="builtin:pydoc-train", num_samples=256, seq_len=256, seed=1)
 EVAL_WINDOWS = 16
 TEXTS = {"pydoc": "builtin:pydoc-eval", "news": "builtin:lee-news"}
-KD = {"steps": 60, "batch_size": 4, "learning_rate": 5e-5, "temperature": 2.0, "gradient_checkpointing": False, "save_every": 1000}
+# deepspeed off: the figure is the recovery, not the launcher (DeepSpeed's ZeRO-2 is the
+# stage's default on CUDA and changes nothing for a 135M model on one GPU)
+KD = {"deepspeed": "off", "steps": 60, "batch_size": 4, "learning_rate": 5e-5, "temperature": 2.0, "gradient_checkpointing": False, "save_every": 1000}
 
 # name -> (stage kind, settings, input row or None for the baseline model, note)
 ROWS: dict[str, tuple[str, dict[str, Any], str | None, str]] = {
@@ -56,27 +64,35 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None, str]] = {
     "student 15 layers, KD": ("distill", {"alpha": 0.7, "student": {"source": "teacher", "num_layers": 15}, **KD}, None, "half the layers"),
     "student 15 layers, labels only": ("distill", {"alpha": 0.0, "student": {"source": "teacher", "num_layers": 15}, **KD}, None, "same, no teacher"),
     # the x1.21 investigation: what the libraries offer for GPTQ
-    "gptq g64 actorder static": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "actorder": "static"}, None, ""),
-    "gptq g64 actorder group": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "actorder": "group"}, None, ""),
+    "gptq g64 actorder static": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "actorder": "static"}, None, "the library's default"),
     "gptq g64 dampening 0.1": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "dampening_frac": 0.1}, None, ""),
     "gptq g64 asym": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "symmetric": False}, None, "zero points"),
     "gptq g32": ("quantize", {"scheme": "gptq-w4a16", "group_size": 32}, None, ""),
     "gptq g64 256 samples": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "calibration": {**CALIBRATION.model_dump(), "num_samples": 256}}, None, ""),
     "gptq g64 down_proj 16-bit": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "ignore": ["lm_head", "re:.*down_proj"]}, None, "mixed precision"),
-    "gptq g64 auto_ignore 5.0": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "auto_ignore": {"budget": 5.0}}, None, "mixed precision"),
+    # zero points helped most alone: combined with the others
+    "gptq g64 asym 256 samples": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "symmetric": False,
+                                               "calibration": {**CALIBRATION.model_dump(), "num_samples": 256}}, None, "zero points"),
+    "gptq g64 asym dampening 0.1": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "symmetric": False, "dampening_frac": 0.1}, None, "zero points"),
+    "gptq g32 asym": ("quantize", {"scheme": "gptq-w4a16", "group_size": 32, "symmetric": False}, None, "zero points"),
+    "gptq g64 asym down_proj 16-bit": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "symmetric": False,
+                                                    "ignore": ["lm_head", "re:.*down_proj"]}, None, "zero points, mixed precision"),
+    "gptq g64 asym auto_ignore 7.5": ("quantize", {"scheme": "gptq-w4a16", "group_size": 64, "symmetric": False, "auto_ignore": {"budget": 7.5}}, None,
+                                      "zero points, mixed precision"),
 }
 
 
-def evaluate_both(model_dir: Path, baselines: dict[str, Any] | None) -> dict[str, Any]:
+def evaluate_both(model_dir: Path, baselines: dict[str, Any] | None, device: str) -> dict[str, Any]:
     """Perplexity on both texts, the same first EVAL_WINDOWS windows of 256 tokens for
-    every model. Computed in float32 (the weights as stored, upcast): this CPU has no
-    bf16 arithmetic, and bf16 matmuls emulated on AVX2 made one evaluation take minutes."""
-    model, tokenizer = load_model(model_dir, dtype="float32")
+    every model. Computed in float32 (the weights as stored, upcast) on every device: the
+    development CPU has no bf16 arithmetic (emulated bf16 made one evaluation take minutes),
+    and one arithmetic for every row and device keeps the figures comparable."""
+    model, tokenizer = load_model(model_dir, dtype="float32", device=device)
     size, params = weights_size_bytes(model_dir), count_parameters(model)
     out: dict[str, Any] = {}
     for key, source in TEXTS.items():
         stream = token_stream(load_texts(DataSpec(source=source)), tokenizer)
-        ppl, tokens, windows = evaluate.perplexity(model, stream, 256, 256, EVAL_WINDOWS, 8, "cpu")
+        ppl, tokens, windows = evaluate.perplexity(model, stream, 256, 256, EVAL_WINDOWS, 8, device)
         out[key] = {"perplexity": ppl, "eval_tokens": tokens, "eval_windows": windows, "size_bytes": size, "num_parameters": params,
                     "bits_per_parameter": 8 * size / params}
         if baselines:
@@ -84,20 +100,20 @@ def evaluate_both(model_dir: Path, baselines: dict[str, Any] | None) -> dict[str
     return out
 
 
-def run_row(name: str, base_dir: Path, work: Path, made: dict[str, Path]) -> tuple[Path, dict[str, Any]]:
+def run_row(name: str, base_dir: Path, work: Path, made: dict[str, Path], device: str) -> tuple[Path, dict[str, Any]]:
     kind, settings, source, _ = ROWS[name]
     out = work / name.replace(" ", "_").replace("%", "pct").replace(":", "of").replace(",", "")
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
     if kind == "quantize":
-        config = quantize.QuantizeConfig(device="cpu", **settings)
+        config = quantize.QuantizeConfig(device=device, **settings)
         data = config.calibration or CALIBRATION
         metrics = quantize.run(base_dir, out, config, data, load_texts(data))
     elif kind == "prune":
-        config = prune.PruneConfig(device="cpu", **settings)
+        config = prune.PruneConfig(device=device, **settings)
         metrics = prune.run(base_dir, out, config, CALIBRATION, load_texts(CALIBRATION))
     else:
-        config = distill.DistillConfig(device="cpu", data=TRAINING, **settings)
+        config = distill.DistillConfig(device=device, data=TRAINING, **settings)
         student = made[source] if source else (None if config.student.source == "teacher" else base_dir)
         metrics = distill.run(student, out, config, TRAINING, load_texts(TRAINING), base_dir, work / f"{out.name}-work")
     metrics["stage_wall_time_s"] = time.time() - start
@@ -109,6 +125,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"baseline: SmolLM2-135M-Instruct from its Q4_1 GGUF, as bf16; perplexity {base['pydoc']['perplexity']:.2f} (pydoc-eval), "
         f"{base['news']['perplexity']:.2f} (lee-news), {EVAL_WINDOWS} windows of 256 tokens each, the same for every row (float32 arithmetic)",
+        f"measured on {results.get('environment', results.get('device', 'cpu'))}",
         "",
         "| method | note | size MB | bits/param | ppl pydoc | ratio | ppl news | ratio | stage s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -117,8 +134,8 @@ def table(results: dict[str, Any]) -> str:
     ]
     for name, (_, _, _, note) in ROWS.items():
         row = results["rows"].get(name)
-        if row is None:
-            lines.append(f"| {name} | {note} | not measured | | | | | | |")
+        if row is None or "error" in row:
+            lines.append(f"| {name} | {note} | {'not measured' if row is None else 'failed: ' + row['error'].replace('|', '/')} | | | | | | |")
             continue
         p, n = row["eval"]["pydoc"], row["eval"]["news"]
         lines.append(f"| {name} | {note} | {p['size_bytes'] / 1e6:.1f} | {p['bits_per_parameter']:.2f} | {p['perplexity']:.2f} | "
@@ -126,38 +143,77 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure(name: str, results: dict[str, Any], base_dir: Path, work: Path, made: dict[str, Path], device: str) -> None:
+    """One row (and the row it starts from, if not made yet) into ``results``; a failure is
+    recorded as its error's last line, so one broken method does not stop the table."""
+    _, _, source, _ = ROWS[name]
+    try:
+        if source and source not in made:
+            made[source], _ = run_row(source, base_dir, work, made, device)
+        out, stage_metrics = run_row(name, base_dir, work, made, device)
+        made[name] = out
+        scalars = {k: v for k, v in stage_metrics.items() if isinstance(v, int | float | str)}
+        results["rows"][name] = {"stage": scalars, "eval": evaluate_both(out, results["baseline"], device)}
+        row = results["rows"][name]["eval"]
+        print(f"{name}: {row['pydoc']['perplexity']:.2f} / {row['news']['perplexity']:.2f}", flush=True)
+    except Exception as error:  # noqa: BLE001 - recorded per row; the script goes on with the next
+        traceback.print_exc()
+        results["rows"][name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]}
+        print(f"{name}: FAILED {results['rows'][name]['error']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results JSON (rows already in it are skipped)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every stage and evaluation runs")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="rows to measure, by name")
     parser.add_argument("--redo", nargs="*", default=[], help="rows to measure again")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
+    if results.get("device", args.device) != args.device and not args.table_only:
+        sys.exit(f"{args.out} holds {results['device']} rows; use another --out for --device {args.device}")
     if not args.table_only:
+        results["device"] = args.device
         base_dir = build_builtin("smollm2-135m")
         if "baseline" not in results:
-            results["baseline"] = evaluate_both(base_dir, None)
+            results["baseline"] = evaluate_both(base_dir, None, args.device)
+            results["environment"] = environment(args.device)
             args.out.write_text(json.dumps(results, indent=1))
         work = Path(tempfile.mkdtemp(prefix="llmpress-quality-"))
         made: dict[str, Path] = {}
         try:
             for name in args.rows:
-                if name in results["rows"] and name not in args.redo:
+                done = results["rows"].get(name)
+                if done and "error" not in done and name not in args.redo:
                     continue
-                _, _, source, _ = ROWS[name]
-                if source and source not in made:
-                    made[source], _ = run_row(source, base_dir, work, made)
-                out, stage_metrics = run_row(name, base_dir, work, made)
-                made[name] = out
-                scalars = {k: v for k, v in stage_metrics.items() if isinstance(v, int | float | str)}
-                results["rows"][name] = {"stage": scalars, "eval": evaluate_both(out, results["baseline"])}
+                measure(name, results, base_dir, work, made, args.device)
                 args.out.write_text(json.dumps(results, indent=1))
-                print(f"{name}: {results['rows'][name]['eval']['pydoc']['perplexity']:.2f} / {results['rows'][name]['eval']['news']['perplexity']:.2f}",
-                      flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(table(results))
+
+
+def environment(device: str) -> str:
+    """The device and library versions the table was measured with."""
+    from importlib.metadata import version
+
+    import torch
+
+    where = f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else f"cpu: {torch.get_num_threads()} threads"
+    libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "bitsandbytes")
+                          if _installed(name))
+    return f"{where}; {libraries}"
+
+
+def _installed(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(name)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

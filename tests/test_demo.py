@@ -43,3 +43,17 @@ def test_readme_main_recipe_runs_a_real_pretrained_model(tmp_path):
     assert news["metrics"]["perplexity_ratio"] > 1.0 and news["metrics"]["baseline_perplexity"] != baseline["perplexity"]
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(results["tracking"]["parent_run_id"]).data.params["source_gguf_quantization"] == "Q4_1"
+
+
+@pytest.mark.gpu
+def test_quality_recipe_keeps_smollm2_within_ten_percent(tmp_path):
+    """recipes/smollm2-gptq-quality.yaml: the x1.21 investigation's answer holds through
+    `llmpress run` (measured x1.053 on the H200, benchmarks/quality_smollm2.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = tmp_path / "quality"
+    result = run_cli("run", "recipes/smollm2-gptq-quality.yaml", "--out", str(out), cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    gptq, _ = json.loads((out / "results.json").read_text())["stages"]
+    assert gptq["metrics"]["group_size"] == 32
+    assert 1.0 < gptq["metrics"]["perplexity_ratio"] <= 1.10
+    assert gptq["metrics"]["size_bytes_ratio"] < 0.45

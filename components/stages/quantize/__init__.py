@@ -76,7 +76,7 @@ class QuantizeConfig(BaseModel):
     group_size: GroupSizeOrAuto = Field("auto", description="weights per scale (gptq/awq): 32, 64, 128, 256, -1 for one scale per output "
                                         "channel, or auto: the largest of 128, 64, 32 that divides every quantized layer")
     symmetric: bool | None = Field(None, description="symmetric (no zero point) weights (rtn/gptq/awq); default: gptq symmetric, awq and rtn asymmetric")
-    actorder: Literal["static", "group", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
+    actorder: Literal["static", "weight"] | None = Field(None, description="GPTQ activation ordering (gptq-w4a16, w8a8)")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening, fraction of the mean diagonal (gptq-w4a16, w8a8)")
     smoothing_strength: float = Field(0.8, gt=0, lt=1, description="SmoothQuant migration strength alpha (w8a8)")
     int8_threshold: float = Field(6.0, ge=0, description="LLM.int8() outlier threshold: activations above it stay fp16 (int8; 0 = no outliers)")
@@ -97,12 +97,13 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"applies to scheme {', '.join(SCHEME_FIELDS[info.field_name])} only; this stage's scheme is {scheme!r}")
         return value
 
-    @field_validator("actorder")
+    @field_validator("actorder", mode="before")
     @classmethod
-    def _actorder_needs_groups(cls, value: str | None, info: ValidationInfo) -> str | None:
-        grouped = info.data.get("scheme") == "gptq-w4a16" and info.data.get("group_size", "auto") != -1
-        if value == "group" and not grouped:
-            raise ValueError("'group' needs group quantization (gptq-w4a16 with group_size > 0); allowed here: static, weight")
+    def _actorder_group_removed(cls, value: Any) -> Any:
+        # compressed-tensors 0.19 refuses 'group' only when the modifier is built, i.e.
+        # after the model is loaded and calibration data tokenized: refuse it here
+        if value == "group":
+            raise ValueError("'group' was removed by compressed-tensors 0.19 (it raised inside the step, after loading); allowed: static, weight")
         return value
 
     @field_validator("ignore")
