@@ -98,6 +98,30 @@ def test_stage_reloads_its_output_once_for_the_self_check_and_the_figures_after(
     assert loaded.count(str(tmp_path / "out")) == 1  # at 8B each reload is 16 GB read and placed
 
 
+def test_pruned_model_is_freed_before_its_output_is_reloaded(tiny_model_dir, texts, tmp_path, monkeypatch):
+    # llm-compressor's session and its trace's registrations in torch.fx kept it alive (at 8B: 16 GB)
+    import gc
+    import weakref
+
+    calibrated, alive_at_reload = [], []
+    real_oneshot, real_load = prune._oneshot, prune.load_model
+
+    def recording_oneshot(model, *args):
+        calibrated.append(weakref.ref(model))
+        return real_oneshot(model, *args)
+
+    def checking_load(model_dir, **kwargs):
+        if str(model_dir) == str(tmp_path / "out"):
+            gc.collect()
+            alive_at_reload.append(calibrated[0]() is not None)
+        return real_load(model_dir, **kwargs)
+
+    monkeypatch.setattr(prune, "_oneshot", recording_oneshot)
+    monkeypatch.setattr(prune, "load_model", checking_load)
+    prune.run(tiny_model_dir, tmp_path / "out", PruneConfig(method="wanda", sparsity=0.5), CALIBRATION, texts)
+    assert alive_at_reload == [False]
+
+
 def test_2of4_stays_2of4_after_gptq_w4a16(sparsegpt_2of4, texts, tmp_path):
     from llmpress.components.stages import quantize
     from transformers import AutoModelForCausalLM

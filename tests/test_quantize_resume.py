@@ -171,3 +171,27 @@ def test_two_stages_with_one_key_at_once_both_write_the_same_complete_output(tin
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(resume_root.iterdir())  # the calibrated model, its lock and the stale half are gone
+
+
+def test_calibrated_model_is_freed_before_the_self_check_reloads(tiny_model_dir, tmp_path, monkeypatch):
+    # gptq traces the model (fp8 does not): the trace's registrations in torch.fx kept it alive
+    import gc
+    import weakref
+
+    calibrated, alive_at_check = [], []
+    real_oneshot, real_check = quantize.oneshot_quantize, quantize.self_check
+
+    def recording_oneshot(model, *args):
+        calibrated.append(weakref.ref(model))
+        return real_oneshot(model, *args)
+
+    def checking_self_check(out_dir, device):
+        gc.collect()
+        alive_at_check.append(calibrated[0]() is not None)
+        return real_check(out_dir, device)
+
+    monkeypatch.setattr(quantize, "oneshot_quantize", recording_oneshot)
+    monkeypatch.setattr(quantize, "self_check", checking_self_check)
+    calibration = DataSpec(source="builtin:pydoc-train", num_samples=2, seq_len=32)
+    quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="gptq-w4a16"), calibration, load_texts(calibration))
+    assert alive_at_check == [False]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
+from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import check_generates, peak_memory
 from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights
@@ -161,6 +162,8 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
     (Path(out_dir) / "pruning.json").write_text(json.dumps({"method": config.method, "layers": detail}))
     save_s = time.time() - phase
     del model
+    if config.method in ("sparsegpt", "wanda"):
+        release_calibrated(device)  # the reload below must not come on top of it
     measured = time.time()
     # one reload serves the self-check and the figures of the output (at 8B each reload is 16 GB)
     pruned, tokenizer = load_model(out_dir, device=device)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
+from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import peak_memory, self_check
 from llmpress.components.models.quant_grid import GroupSizeOrAuto, quantized_widths, resolve_group_size
@@ -195,7 +196,7 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
         resume.persist(model, tokenizer, resumable, record, out_dir)
         record["persist_time_s"] = time.time() - phase
         del model
-        _release(device)
+        release_calibrated(device)  # the reload check must not come on top of it
     _write_report(out_dir, record.pop("report"))
     return record
 
@@ -249,22 +250,6 @@ def _mixed_precision(model: Any, config: QuantizeConfig, samples: list[list[int]
     if config.auto_ignore:
         extra["auto_ignore_estimated_bits_per_parameter"] = report["auto_ignore"]["estimated_bits_per_parameter"]
     return ignore, extra
-
-
-def _release(device: str) -> None:
-    """Free the calibrated model before the reload check: llm-compressor's session keeps
-    it alive otherwise, and the check's reload came on top of it (at 8B: peak host RSS
-    22.3 GiB against ``oneshot``'s 20.2; the reload alone takes 16)."""
-    import gc
-
-    from llmcompressor.core import reset_session
-
-    reset_session()
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def _may_be_pruned(model: Any) -> bool:
