@@ -21,7 +21,13 @@ class UserError(Exception):
         return cls(f"{field}: {short(value)} — {allowed}")
 
 
-def short(value: Any, limit: int = 80) -> str:
-    """repr() of a value, cut so that one problem stays one readable line."""
+def short(value: Any, limit: int = 240) -> str:
+    """repr() of a value, cut in the middle so that one problem stays one readable line
+    while both ends stay: a path's folder and its file name, a long key's start and end.
+    The limit is one a real path rarely reaches (a pytest or CI temporary folder is
+    100-150 characters); what comes from outside is bounded however long it is."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) // 2
+    return text[:head] + "..." + text[len(text) - (limit - 3 - head):]

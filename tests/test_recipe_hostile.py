@@ -171,3 +171,11 @@ def test_any_structure_is_a_recipe_or_one_line_per_problem(tmp_path_factory, dat
         parse_recipe(data, base_dir=tmp_path_factory.getbasetemp())
     except UserError as err:
         assert err.problems and all(p and "\n" not in p for p in err.problems) and len(err.problems) <= 21
+
+
+def test_a_long_path_in_a_problem_keeps_its_folder_and_its_file_name():
+    path = "/tmp/" + "deep/" * 30 + "model.gguf"  # 165 characters: shown whole
+    assert UserError.field("model.source", path, "no such file").problems == [f"model.source: {path!r} — no such file"]
+    huge = "/x" * 5_000_000 + "/model.gguf"  # 10 MB from a hostile recipe: one bounded line, both ends kept
+    (line,) = UserError.field("model.source", huge, "no such file").problems
+    assert len(line) < 300 and line.startswith("model.source: '/x/x") and line.endswith("/model.gguf' — no such file")
