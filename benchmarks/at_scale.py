@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -89,6 +90,10 @@ PRUNE_SCHEMES = ("sparsegpt-2:4",)
 
 def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: int) -> None:
     """One path in this process; prints one JSON line with its figures."""
+    import logging
+
+    # the stages' phase lines, timestamped, in the log: where a child killed by --stop-after was
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import datasets  # noqa: F401 - both paths' imports are paid before either clock starts
     import llmcompressor  # noqa: F401
     import torch
@@ -195,7 +200,7 @@ def run_child(args: argparse.Namespace, path: str, scheme: str, out: Path, log: 
         return {"path": path, "scheme": scheme, "error": "not run: --stop-after reached"}
     with log.open("a") as sink:
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env, timeout=left)
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env, timeout=left if math.isfinite(left) else None)
         except subprocess.TimeoutExpired:
             shutil.rmtree(out, ignore_errors=True)
             return {"path": path, "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s: --stop-after reached"}
@@ -216,7 +221,7 @@ def s3_transfer(args: argparse.Namespace, log: Path) -> dict[str, Any]:
         return {"path": "s3", "error": "not run: --stop-after reached"}
     with log.open("a") as sink:
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, timeout=left)
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, timeout=left if math.isfinite(left) else None)
         except subprocess.TimeoutExpired:
             return {"path": "s3", "error": "killed: --stop-after reached"}
     print(done.stdout, flush=True)

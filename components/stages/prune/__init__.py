@@ -157,10 +157,12 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
         else:
             metrics, detail = _unstructured(model, config, samples)
     calibrate_s = time.time() - phase
+    log.info("prune: %s done in %.1f s; saving", config.method, calibrate_s)
     phase = time.time()
     save_model(model, tokenizer, out_dir)
     (Path(out_dir) / "pruning.json").write_text(json.dumps({"method": config.method, "layers": detail}))
     save_s = time.time() - phase
+    log.info("prune: saved in %.1f s; reloading the output to check and measure it", save_s)
     del model
     if config.method in ("sparsegpt", "wanda"):
         release_calibrated(device)  # the reload below must not come on top of it
