@@ -125,6 +125,8 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     row.update(path=path, scheme=scheme, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None)
+    if path == "evaluate" and cuda:  # each part reset the peak counter: the process's peak is the largest part's
+        row["peak_gpu_gib"] = max(row["strided"]["peak_gpu_gib"], row["disjoint"]["peak_gpu_gib"], row["latency_peak_gpu_gib"])
     print("RESULT " + json.dumps(row), flush=True)
 
 
