@@ -50,8 +50,9 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
     evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
-    # the screening: perplexity over a few windows and size; no tasks, speed or sample
-    screen_config = recipe.evaluation.model_copy(update={"tasks": [], "sample_tokens": 0, "data": None})
+    # the screening: perplexity over a few windows and size; no tasks, speed or sample, and
+    # windows that do not overlap (an overlapping stride rescores context: more compute per scored token)
+    screen_config = recipe.evaluation.model_copy(update={"tasks": [], "sample_tokens": 0, "data": None, "stride": None})
     screen_config = screen_config.model_dump(mode="json", exclude={"after_each_stage", "resources"})
     screen_config["latency"]["batch_sizes"] = []
     eval_spec = recipe.evaluation.data or recipe.data.evaluation

@@ -190,6 +190,20 @@ def test_without_screening_every_candidate_is_evaluated_once(write_recipe, tmp_p
     assert tasks(ir, "select-candidates") == {}
 
 
+def test_screening_windows_do_not_overlap_even_when_the_full_evaluation_strides(write_recipe, tmp_path):
+    recipe = search_recipe()
+    recipe["evaluation"] = {**recipe.get("evaluation", {}), "stride": 16}
+    ir = compiled(write_recipe, tmp_path, recipe)
+
+    def strides(names):
+        return {json.loads(t["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"])["stride"] for t in names.values()}
+
+    evals = tasks(ir, "evaluate-candidate")
+    screened = {n: t for n, t in evals.items() if "taskOutputParameter" not in t["inputs"]["parameters"]["decision"]}
+    full = {n: t for n, t in evals.items() if n not in screened}
+    assert strides(screened) == {None} and strides(full) == {16}
+
+
 # --- the decisions ---------------------------------------------------------------------
 
 def candidate(name, size, ppl, size_ratio=None, ppl_ratio=None, **more):
