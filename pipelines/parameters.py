@@ -86,15 +86,8 @@ def run_parameters(recipe: Recipe) -> list[RunParameter]:
     ]
     for i, stage in enumerate(recipe.stages):
         fields = type(stage).model_fields
-        for name, kind in STAGE_PARAMETERS[stage.kind].items():
-            if name == "group_size" and stage.scheme not in SCHEME_FIELDS["group_size"]:
-                continue  # the other schemes refuse a group size
-            if name == "sparsity" and stage.method == "structured":
-                continue  # structured pruning is sized by ffn/attention sparsity
-            value = getattr(stage, name)
-            if value is None and name == "sparsity":
-                value = 0.5  # what unstructured pruning uses when the recipe says nothing
-            value = kind(value)  # alpha: 1 in a recipe is 1.0 in the form
+        for name, value in stage_settings(stage).items():
+            kind = STAGE_PARAMETERS[stage.kind][name]
             about = fields[name].description or name
             allowed = typing.get_args(fields[name].annotation)
             if allowed and all(isinstance(a, str) for a in allowed):
@@ -106,6 +99,22 @@ def run_parameters(recipe: Recipe) -> list[RunParameter]:
     if twice:  # stage-4b and a stage 4b both become stage_4b_...
         raise UserError.field("stages", twice[0], "two stages give run parameters of the same name; rename one stage")
     return params
+
+
+def stage_settings(stage: Any) -> dict[str, Any]:
+    """The values a stage's run parameters default to (its own settings, typed as the run
+    form takes them), by field: what its model step receives when no run changes them."""
+    settings = {}
+    for name, kind in STAGE_PARAMETERS[stage.kind].items():
+        if name == "group_size" and stage.scheme not in SCHEME_FIELDS["group_size"]:
+            continue  # the other schemes refuse a group size
+        if name == "sparsity" and stage.method == "structured":
+            continue  # structured pruning is sized by ffn/attention sparsity
+        value = getattr(stage, name)
+        if value is None and name == "sparsity":
+            value = 0.5  # what unstructured pruning uses when the recipe says nothing
+        settings[name] = kind(value)  # alpha: 1 in a recipe is 1.0 in the form
+    return settings
 
 
 def _identifier(stage_name: str) -> str:

@@ -2,6 +2,7 @@
 followed by an evaluation of its output), and the report. Compiles to KFP IR YAML.
 (No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)"""
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -51,6 +52,20 @@ def apply_resources(task: Any, resources: Resources) -> None:
             task, volume_name="scratch", mount_path=resources.scratch.mount_path, access_modes=["ReadWriteOnce"],
             size=resources.scratch.size, storage_class_name=resources.scratch.storage_class,
         )
+
+
+def model_step_names(recipe: Recipe, stages: list[Any]) -> list[str]:
+    """The names of the steps making a chain's models, one per model-producing stage:
+    ``run-stage-<hash of the chain so far>`` (each stage's settings and resources).
+    kfp.local keys its cache by a step's component name, which KFP otherwise takes from
+    the step's position; named by what it computes, a model step is reused by any
+    pipeline computing the same chain: a later search, the plain recipe of its winner."""
+    names, chain = [], ()
+    for stage in stages:
+        if stage.kind in PRODUCES_MODEL:
+            chain += (recipe.stage_json(stage) + stage.resources.model_dump_json(),)
+            names.append("run-stage-" + hashlib.sha256("\0".join(chain).encode()).hexdigest()[:10])
+    return names
 
 
 def build_pipeline(recipe: Recipe) -> Any:
@@ -112,6 +127,7 @@ def build_pipeline(recipe: Recipe) -> Any:
         evals = evaluate(model, "", "baseline", "evaluation", evaluation, recipe.evaluation.resources, values)
         measured = {steps.measurement_key(evaluation, eval_data)}
         stages: Any = ""
+        step_names = iter(model_step_names(recipe, recipe.stages))
         for i, stage in enumerate(recipe.stages):
             if stage.kind == "evaluate":
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
@@ -123,9 +139,10 @@ def build_pipeline(recipe: Recipe) -> Any:
                 continue
             ops = gpu_ops if stage.resources.gpus else cpu_ops
             settings = {p.path[2]: values[p.name] for p in params if p.path[:2] == ("stages", i)}
-            task = ops["run_stage"](model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=stages,
-                                    calibration_source=values["calibration_source"], calibration_samples=values["calibration_samples"],
-                                    calibration_seq_len=values["calibration_seq_len"], mlflow_experiment=values["mlflow_experiment"], **settings)
+            run_stage = kubeflow.renamed(ops["run_stage"], next(step_names))
+            task = run_stage(model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=stages,
+                             calibration_source=values["calibration_source"], calibration_samples=values["calibration_samples"],
+                             calibration_seq_len=values["calibration_seq_len"], mlflow_experiment=values["mlflow_experiment"], **settings)
             task.set_display_name(stage.name)
             place(task, stage.resources)
             model, stages = task.outputs["model_out"], task.outputs["Output"]

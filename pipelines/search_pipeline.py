@@ -3,9 +3,11 @@ branches of the same stage steps → a cheap screening evaluation of every candi
 the choice of who goes on → the full evaluation of those → the search's report.
 
 - Shared prefixes run once: a step is made per distinct chain prefix (the same pruned
-  model feeds every quantize option after it), named by that prefix, so that KFP's
-  cache (kfp.local's too, which keys by name) reuses any model step an earlier search
-  already ran, wherever it sits in this one.
+  model feeds every quantize option after it), named by that prefix
+  (``pipeline.model_step_names``) and given the inputs the plain pipeline gives the same
+  stage, so that KFP's cache (kfp.local's too, which keys by name) reuses any model step
+  an earlier search already ran, wherever it sits in this one, and the winner's recipe
+  finds its model steps there.
 - Parallelism: the model-producing steps, in the order they are made (parents first),
   are dealt round-robin into ``search.parallelism`` lanes; each step waits for the one
   before it in its lane, so at most that many run at once, on the node pools of their
@@ -16,13 +18,14 @@ the choice of who goes on → the full evaluation of those → the search's repo
 (No ``from __future__ import annotations``: KFP reads the pipeline's annotations.)
 """
 
-import hashlib
 import json
 from typing import Any
 
 from kfp import dsl
+from llmpress import parameters
 from llmpress.components.kubeflow import search_shells
 from llmpress.components.kubeflow import shells as kubeflow
+from llmpress.pipeline import model_step_names
 from llmpress.recipe import Recipe
 
 
@@ -86,23 +89,23 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
         lanes: list[Any] = [None] * search.parallelism
         leaves = []
         for candidate, stages in chains:
-            model, records, prefix = base_model, "", ()
-            for stage in stages:
-                prefix += (recipe.stage_json(stage) + stage.resources.model_dump_json(),)
-                if prefix not in made:
+            model, records = base_model, ""
+            for stage, name in zip(stages, model_step_names(recipe, stages), strict=True):
+                if name not in made:
                     ops = gpu_ops if stage.resources.gpus else cpu_ops
-                    name = "run-stage-" + hashlib.sha256("\0".join(prefix).encode()).hexdigest()[:10]
-                    run_stage = search_shells.renamed(ops["run_stage"], name)
-                    task = run_stage(model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=records,
-                                     **calibration_args)
+                    # the inputs of the plain pipeline's step for the same stage (its run parameters
+                    # at their defaults), so that the winner's recipe finds this step in the cache
+                    task = kubeflow.renamed(ops["run_stage"], name)(
+                        model=model, stage_json=recipe.stage_json(stage), calibration_json=calibration, context_json=context, stages=records,
+                        **calibration_args, **parameters.stage_settings(stage))
                     task.set_display_name(stage.name)
                     place(task, stage.resources)
                     lane = len(made) % search.parallelism
                     if lanes[lane] is not None:
                         task.after(lanes[lane])
                     lanes[lane] = task
-                    made[prefix] = (task.outputs["model_out"], task.outputs["Output"])
-                model, records = made[prefix]
+                    made[name] = (task.outputs["model_out"], task.outputs["Output"])
+                model, records = made[name]
             leaves.append((candidate, model, records))
 
         def evaluate_all(config: str, data: str, evals: Any, decision: Any, phase: str) -> Any:

@@ -93,6 +93,15 @@ def mlflow_server(tmp_path_factory):
     server.kill()
 
 
+def model_steps(recipe: dict[str, Any]) -> list[str]:
+    """The names of a recipe's model steps, in stage order (named by their chain of stages)."""
+    from llmpress.pipeline import model_step_names
+    from llmpress.recipe import parse_recipe
+
+    parsed = parse_recipe(recipe)
+    return model_step_names(parsed, parsed.stages)
+
+
 def executed(out: Path) -> list[list[str]]:
     """The steps of `llmpress run --out OUT` that ran (wrote outputs), per pipeline run, oldest first."""
     runs = sorted((p for p in (out / "artifacts").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)

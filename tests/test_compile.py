@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from conftest import run_cli, tiny_recipe
+from conftest import model_steps, run_cli, tiny_recipe
 
 GPU_STAGE = {
     "name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16",
@@ -39,7 +39,8 @@ def test_gpu_stage_carries_accelerator_selector_and_toleration(write_recipe, tmp
     assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert res["accelerator"]["resourceCount"] == "2"
     assert res["memoryLimit"] == 68.719476736 or res["resourceMemoryLimit"] == "64Gi"
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-run-stage"]
+    (step,) = model_steps(tiny_recipe(stages=[GPU_STAGE]))
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
     assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     text = out.read_text()
@@ -62,9 +63,10 @@ def test_pipeline_has_import_baseline_stage_evaluation_and_report(write_recipe, 
     assert tasks["run-parameters"]["dependentTasks"] == ["validate-recipe"]
     assert tasks["run-parameters"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
     assert sorted(tasks["import-model"]["dependentTasks"]) == ["validate-recipe"]
-    assert sorted(tasks["run-stage"]["dependentTasks"]) == ["import-model"]
-    assert sorted(tasks["evaluate-2"]["dependentTasks"]) == ["evaluate", "run-stage"]
-    assert sorted(tasks["finish"]["dependentTasks"]) == ["evaluate-2", "run-stage", "validate-recipe"]
+    (step,) = model_steps(tiny_recipe())
+    assert sorted(tasks[step]["dependentTasks"]) == ["import-model"]
+    assert sorted(tasks["evaluate-2"]["dependentTasks"]) == ["evaluate", step]
+    assert sorted(tasks["finish"]["dependentTasks"]) == ["evaluate-2", step, "validate-recipe"]
 
 
 def test_a_kind_that_is_not_built_is_refused_before_compiling(write_recipe, tmp_path, monkeypatch, capsys):
@@ -91,13 +93,12 @@ def test_editing_a_later_stage_leaves_what_kfp_caches_earlier_steps_by_unchanged
     stages[1]["group_size"] = 32
     second = next(yaml.safe_load_all(compile_to(parse_recipe(tiny_recipe(stages=stages, description="edited")), tmp_path / "b.yaml").read_text()))
 
-    def cache_material(spec: dict, task: str) -> tuple:
-        t = spec["root"]["dag"]["tasks"][task]
+    def cache_material(spec: dict, display: str) -> tuple:
+        (t,) = [t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == display]
         component = spec["components"][t["componentRef"]["name"]]
         return t["inputs"], component["inputDefinitions"], spec["deploymentSpec"]["executors"][component["executorLabel"]]
 
-    names = {t["taskInfo"]["name"]: key for key, t in first["root"]["dag"]["tasks"].items()}
     for display in ("import-model", "evaluate-baseline", "wanda", "evaluate-wanda"):
-        assert cache_material(first, names[display]) == cache_material(second, names[display]), display
+        assert cache_material(first, display) == cache_material(second, display), display
     for display in ("gptq", "report"):
-        assert cache_material(first, names[display]) != cache_material(second, names[display]), display
+        assert cache_material(first, display) != cache_material(second, display), display

@@ -217,9 +217,10 @@ def test_chart_defaults_reach_the_compiled_pipeline(gpu_manifests, tmp_path):
     spec, platform = list(yaml.safe_load_all(out.read_text()))
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
-    assert images["exec-run-stage"] == "registry.example.com/ml/llmpress-cuda:0.1.0"
+    (model_step,) = [name for name in images if name.startswith("exec-run-stage-")]  # the recipe's one model-producing stage
+    assert images[model_step] == "registry.example.com/ml/llmpress-cuda:0.1.0"
     assert images["exec-import-model"] == "registry.example.com/ml/llmpress-cpu:0.1.0"
-    stage = executors["exec-run-stage"]
+    stage = executors[model_step]
     assert stage["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert stage["genericEphemeralVolume"][0]["size"] == "200Gi"
     assert stage["imagePullSecret"][0]["secretName"] == "registry-pull"

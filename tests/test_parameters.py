@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY, tiny_recipe
+from conftest import TINY, model_steps, tiny_recipe
 
 THREE_STAGES = tiny_recipe(
     name="three",
@@ -78,9 +78,10 @@ def test_each_step_takes_only_the_parameters_it_uses(compiled):
     assert used("import-model") == {"model_source", "model_revision"}
     assert used("evaluate") == {"evaluation_source", "evaluation_samples", "evaluation_seq_len"}
     calibration = {"calibration_source", "calibration_samples", "calibration_seq_len", "mlflow_experiment"}
-    assert used("run-stage") == calibration | {"kd_steps", "kd_learning_rate", "kd_temperature", "kd_alpha"}
-    assert used("run-stage-2") == calibration | {"wanda_method", "wanda_sparsity"}
-    assert used("run-stage-3") == calibration | {"gptq_scheme", "gptq_group_size"}
+    kd, wanda, gptq = model_steps(THREE_STAGES)
+    assert used(kd) == calibration | {"kd_steps", "kd_learning_rate", "kd_temperature", "kd_alpha"}
+    assert used(wanda) == calibration | {"wanda_method", "wanda_sparsity"}
+    assert used(gptq) == calibration | {"gptq_scheme", "gptq_group_size"}
     assert used("finish") == set()  # the report gets the changed fields from validate-recipe
 
 

@@ -77,7 +77,7 @@ def test_quantized_artifact_reloads_with_plain_transformers(finished_run):
     from transformers import AutoModelForCausalLM
 
     out, _ = finished_run
-    (model_dir,) = list((out / "artifacts").glob("*/run-stage/model_out"))
+    (model_dir,) = list((out / "artifacts").glob("*/run-stage-*/model_out"))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits

@@ -12,21 +12,23 @@ import json
 
 import pytest
 import yaml
-from conftest import cli_env_on_s3, executed, run_cli, tiny_recipe
+from conftest import cli_env_on_s3, executed, model_steps, run_cli, tiny_recipe
 
 # two real runs of the whole pipeline: about 3 minutes on 2 busy cores
 pytestmark = pytest.mark.slow
+
+
+RECIPE = tiny_recipe(stages=[
+    {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"},
+    {"name": "heldout", "kind": "evaluate", "data": {"source": "s3://resume/eval/heldout.txt", "num_samples": 8, "seq_len": 64}},
+])
 
 
 @pytest.fixture(scope="module")
 def failed_then_resumed(s3_server, tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("resume")
     env, client = cli_env_on_s3(s3_server, "resume")
-    recipe = tiny_recipe(stages=[
-        {"name": "gptq", "kind": "quantize", "scheme": "gptq-w4a16"},
-        {"name": "heldout", "kind": "evaluate", "data": {"source": "s3://resume/eval/heldout.txt", "num_samples": 8, "seq_len": 64}},
-    ])
-    (base / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (base / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
     out = base / "out"
     first = run_cli("run", str(base / "recipe.yaml"), "--out", str(out), env=env)
     from llmpress.components.data import pydoc_corpus
@@ -46,8 +48,9 @@ def test_rerun_runs_only_the_failed_step_and_what_follows(failed_then_resumed):
     out, _, second = failed_then_resumed
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     first_run, rerun = executed(out)
-    assert {"import-model", "run-stage"} <= set(first_run)
-    assert not {"import-model", "run-stage"} & set(rerun)  # GPTQ and the import were not redone
+    (gptq,) = model_steps(RECIPE)
+    assert {"import-model", gptq} <= set(first_run)
+    assert not {"import-model", gptq} & set(rerun)  # GPTQ and the import were not redone
     # evaluate-3: the baseline measured on the held-out text (its ratios need one), evaluate-4: the stage
     assert set(rerun) == {"evaluate-3", "evaluate-4", "finish"}, rerun
 

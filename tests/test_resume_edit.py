@@ -12,7 +12,7 @@ import json
 
 import pytest
 import yaml
-from conftest import cli_env_on_s3, executed, run_cli, tiny_recipe
+from conftest import cli_env_on_s3, executed, model_steps, run_cli, tiny_recipe
 
 BUCKET = "edit-resume"
 
@@ -35,19 +35,21 @@ def edited(s3_server, tmp_path_factory, tiny_model_dir):
     path.write_text(yaml.safe_dump(recipe))
     second = run_cli("run", str(path), "--out", str(out), env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return out, first_results, json.loads((out / "results.json").read_text()), client
+    return out, first_results, json.loads((out / "results.json").read_text()), client, recipe
 
 
 def test_editing_the_last_stage_reruns_only_it_its_evaluation_and_the_report(edited):
-    out, _, _, _ = edited
+    out, _, _, _, recipe = edited
     first, second = executed(out)
-    assert set(first) == {"validate-recipe", "run-parameters", "import-model", "evaluate", "run-stage", "evaluate-2", "run-stage-2", "evaluate-3", "finish"}
+    wanda, gptq_edited = model_steps(recipe)
+    _, gptq = model_steps({**recipe, "stages": [recipe["stages"][0], {**recipe["stages"][1], "group_size": 64}]})
+    assert set(first) == {"validate-recipe", "run-parameters", "import-model", "evaluate", wanda, "evaluate-2", gptq, "evaluate-3", "finish"}
     # validate-recipe checks the whole (edited) recipe again and run-parameters shows it: no model, a second's work
-    assert set(second) == {"validate-recipe", "run-parameters", "run-stage-2", "evaluate-3", "finish"}, second
+    assert set(second) == {"validate-recipe", "run-parameters", gptq_edited, "evaluate-3", "finish"}, second
 
 
 def test_reused_stage_keeps_its_figures_and_the_edited_one_changes(edited):
-    _, first, second, _ = edited
+    _, first, second, _, _ = edited
     assert first["baseline"]["metrics"] == second["baseline"]["metrics"]
     assert first["stages"][0]["metrics"] == second["stages"][0]["metrics"]  # wanda: from the cache
     assert first["stages"][0]["model_uri"] == second["stages"][0]["model_uri"]
@@ -57,7 +59,7 @@ def test_reused_stage_keeps_its_figures_and_the_edited_one_changes(edited):
 
 
 def test_kfp_artifacts_hold_pointers_and_the_models_live_in_s3(edited):
-    out, first, second, client = edited
+    out, first, second, client, _ = edited
     weights = [p for p in (out / "artifacts").rglob("*") if p.suffix == ".safetensors"]
     assert weights == []  # KFP's launcher would have nothing big to copy
     pointers = sorted((out / "artifacts").rglob("llmpress-pointer.json"))
@@ -74,7 +76,7 @@ def test_kfp_artifacts_hold_pointers_and_the_models_live_in_s3(edited):
 def test_mlflow_nests_a_reused_stage_as_a_copy_and_registers_the_s3_model(edited):
     from mlflow.tracking import MlflowClient
 
-    out, first, second, _ = edited
+    out, first, second, _, _ = edited
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = {}
     for results in (first, second):

@@ -204,6 +204,35 @@ def test_screening_windows_do_not_overlap_even_when_the_full_evaluation_strides(
     assert strides(screened) == {None} and strides(full) == {16}
 
 
+def model_steps(ir):
+    """Each model step: (its component's container, its inputs with pipeline parameters
+    resolved to their defaults), by step name: what kfp.local's cache key is made of."""
+    defaults = {k: v.get("defaultValue") for k, v in ir[0]["root"].get("inputDefinitions", {}).get("parameters", {}).items()}
+    executors = ir[0]["deploymentSpec"]["executors"]
+
+    def value(spec):
+        return defaults[spec["componentInputParameter"]] if "componentInputParameter" in spec else spec.get("runtimeValue", {}).get("constant", spec)
+
+    return {name: (executors[t["componentRef"]["name"].replace("comp-", "exec-")]["container"],
+                   {k: value(v) for k, v in t["inputs"]["parameters"].items()}, t["inputs"]["artifacts"])
+            for name, t in tasks(ir, "run-stage").items()}
+
+
+def test_the_winners_recipe_makes_its_models_with_the_searchs_steps(write_recipe, tmp_path):
+    from llmpress.components.kubeflow import search_steps
+    from llmpress.search_pipeline import search_json
+
+    recipe = search_recipe()
+    search = json.loads(search_json(parse_recipe(copy.deepcopy(recipe))))
+    chosen = next(c for c in search["candidates"] if c["label"] == "magnitude-50 → gptq-w4a16-g32")
+    found = {"winner": chosen["name"], "candidates_by_name": {chosen["name"]: {**chosen, "full": {"perplexity_ratio": 1.0, "size_bytes_ratio": 0.4}}}}
+    winner = yaml.safe_load(search_steps.winner_recipe(search, found))
+    searched, plain = model_steps(compiled(write_recipe, tmp_path, recipe)), model_steps(compiled(write_recipe, tmp_path, winner))
+    assert len(plain) == 2
+    for name, step in plain.items():  # the same component name, container and inputs: the same cache key
+        assert searched[name] == step, name
+
+
 # --- the decisions ---------------------------------------------------------------------
 
 def candidate(name, size, ppl, size_ratio=None, ppl_ratio=None, **more):

@@ -193,7 +193,8 @@ def test_submit_sends_the_compiled_pipeline_with_its_platform_spec(submit, kfp_s
     (run,) = kfp_server.runs
     spec = run["pipeline_spec"]
     assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "tiny-gptq"
-    stage = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-run-stage"]
+    (stage,) = [e for name, e in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()
+                if name.startswith("exec-run-stage-")]
     assert stage["nodeSelector"]["labels"] == {"pool": "h100"}
     assert stage["emptyDirMounts"][0] == {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "32Gi"}
     assert run["service_account"] == "rel-llmpress-runner"

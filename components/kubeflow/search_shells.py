@@ -2,7 +2,6 @@
 ``search_steps``. (No ``from __future__ import annotations``: KFP reads the annotations.)
 """
 
-import copy
 from functools import partial
 from typing import Any
 
@@ -42,13 +41,3 @@ def build(image: str) -> dict[str, Any]:
     make = partial(dsl.component, base_image=image, install_kfp_package=False)
     return {fn.__name__: make(fn) for fn in (evaluate_candidate, select_candidates, finish_search)}
 
-
-def renamed(component: Any, name: str) -> Any:
-    """The same component under another name. kfp.local keys its cache by the component's
-    name, which the compiler otherwise takes from the task's position in the pipeline:
-    named by what it computes, a step is reused by any later search that computes it,
-    wherever it sits there."""
-    clone = copy.copy(component)
-    clone.component_spec = copy.deepcopy(component.component_spec)
-    clone.component_spec.name = clone.name = name
-    return clone

@@ -4,6 +4,7 @@ function, because KFP ships the function's source to the pod, where the image ho
 the package. (No ``from __future__ import annotations``: KFP reads the annotations.)
 """
 
+import copy
 from functools import partial
 from typing import Any, Optional
 
@@ -65,3 +66,11 @@ def build(image: str) -> dict[str, Any]:
     """The components, each running in ``image`` (which already holds kfp and llmpress)."""
     make = partial(dsl.component, base_image=image, install_kfp_package=False)
     return {fn.__name__: make(fn) for fn in (import_model, run_stage, evaluate, finish)}
+
+
+def renamed(component: Any, name: str) -> Any:
+    """The same component under another name (the name kfp.local keys its cache by)."""
+    clone = copy.copy(component)
+    clone.component_spec = copy.deepcopy(component.component_spec)
+    clone.component_spec.name = clone.name = name
+    return clone
