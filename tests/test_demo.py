@@ -9,14 +9,19 @@ import pytest
 from conftest import ROOT, run_cli
 
 
+def run_recipe(recipe: str, out) -> tuple[str, dict]:
+    """`llmpress run RECIPE` from the repository root, tracking local (no MLFLOW_TRACKING_URI
+    from the caller's environment); its stdout and results.json."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = run_cli("run", recipe, "--out", str(out), cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.slow
 def test_demo_recipe_meets_its_promises(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = tmp_path / "demo"
-    result = run_cli("run", "recipes/demo.yaml", "--out", str(out), cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "stage     kind      size MB" in result.stdout
-    results = json.loads((out / "results.json").read_text())
+    stdout, results = run_recipe("recipes/demo.yaml", tmp_path / "demo")
+    assert "stage     kind      size MB" in stdout
     (gptq,) = results["stages"]
     # the issue's bar: quantized size < 40% of the baseline, perplexity within 10%
     assert gptq["metrics"]["size_bytes"] < 0.40 * results["baseline"]["metrics"]["size_bytes"]
@@ -28,11 +33,8 @@ def test_readme_main_recipe_runs_a_real_pretrained_model(tmp_path):
     """recipes/smollm2-gptq.yaml, the README's main command: SmolLM2-135M from its GGUF file."""
     from mlflow.tracking import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = tmp_path / "smollm2"
-    result = run_cli("run", "recipes/smollm2-gptq.yaml", "--out", str(out), cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    _, results = run_recipe("recipes/smollm2-gptq.yaml", out)
     baseline = results["baseline"]["metrics"]
     assert baseline["num_parameters"] >= 100e6 and baseline["source_gguf_quantization"] == "Q4_1"
     gptq, news = results["stages"]
@@ -49,11 +51,8 @@ def test_readme_main_recipe_runs_a_real_pretrained_model(tmp_path):
 def test_quality_recipe_keeps_smollm2_within_ten_percent(tmp_path):
     """recipes/smollm2-gptq-quality.yaml: the x1.21 investigation's answer holds through
     `llmpress run` (measured x1.053 on the H200, benchmarks/quality_smollm2.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = tmp_path / "quality"
-    result = run_cli("run", "recipes/smollm2-gptq-quality.yaml", "--out", str(out), cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    gptq, _ = json.loads((out / "results.json").read_text())["stages"]
+    _, results = run_recipe("recipes/smollm2-gptq-quality.yaml", tmp_path / "quality")
+    gptq, _ = results["stages"]
     assert gptq["metrics"]["group_size"] == 32
     assert 1.0 < gptq["metrics"]["perplexity_ratio"] <= 1.10
     assert gptq["metrics"]["size_bytes_ratio"] < 0.45
