@@ -158,7 +158,8 @@ def measure(name: str, results: dict[str, Any], base_dir: Path, work: Path, made
         print(f"{name}: {row['pydoc']['perplexity']:.2f} / {row['news']['perplexity']:.2f}", flush=True)
     except Exception as error:  # noqa: BLE001 - recorded per row; the script goes on with the next
         traceback.print_exc()
-        results["rows"][name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]}
+        last_line = (str(error).strip().splitlines() or [""])[-1]
+        results["rows"][name] = {"error": f"{type(error).__name__}: {last_line}"[:300]}
         print(f"{name}: FAILED {results['rows'][name]['error']}", flush=True)
 
 
@@ -196,24 +197,18 @@ def main() -> None:
 
 def environment(device: str) -> str:
     """The device and library versions the table was measured with."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
     where = f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else f"cpu: {torch.get_num_threads()} threads"
-    libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "bitsandbytes")
-                          if _installed(name))
-    return f"{where}; {libraries}"
-
-
-def _installed(name: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(name)
-    except PackageNotFoundError:
-        return False
-    return True
+    libraries = []
+    for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "bitsandbytes"):
+        try:
+            libraries.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return f"{where}; {', '.join(libraries)}"
 
 
 if __name__ == "__main__":
