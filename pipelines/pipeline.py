@@ -75,17 +75,17 @@ def build_pipeline(recipe: Recipe) -> Any:
             raise UserError.field(f"stages[{i}].kind", stage.kind, f"not built yet in this version; built: {', '.join(steps.BUILT_KINDS)}")
     # GPU steps get the CUDA image, the rest the slim CPU one; `image` overrides both.
     images = {"gpu": recipe.image or recipe.cluster.gpu_image or default_image("cuda"), "cpu": recipe.image or recipe.cluster.cpu_image or default_image("cpu")}
-    gpu_ops, cpu_ops = kubeflow.build(images["gpu"]), kubeflow.build(images["cpu"])
 
     def place(task: Any, resources: Resources) -> Any:
         apply_resources(task, resources)
         apply_cluster(task, recipe.cluster)
         return task
 
-    if recipe.search is not None:
+    if recipe.search is not None:  # builds its own steps from the same images
         from llmpress.search_pipeline import build_search_pipeline
 
         return build_search_pipeline(recipe, images, place)
+    gpu_ops, cpu_ops = kubeflow.build(images["gpu"]), kubeflow.build(images["cpu"])
     recipe_json = recipe.model_dump_json()
     # what every step knows of the recipe; each step gets only the settings it uses, so
     # that editing one stage reruns that stage and what follows it, nothing before
@@ -131,8 +131,9 @@ def build_pipeline(recipe: Recipe) -> Any:
         for i, stage in enumerate(recipe.stages):
             if stage.kind == "evaluate":
                 config = stage.model_dump_json(include=set(type(stage).model_fields) - {"name", "kind", "resources"})
-                if steps.measurement_key(config, eval_data) not in measured:  # its ratios need a baseline measured the same way
-                    measured.add(steps.measurement_key(config, eval_data))
+                key = steps.measurement_key(config, eval_data)
+                if key not in measured:  # its ratios need a baseline measured the same way
+                    measured.add(key)
                     evals = evaluate(baseline_model, evals, "baseline", f"stages.{stage.name}", config, stage.resources, values,
                                      f"evaluate-baseline-for-{stage.name}")
                 evals = evaluate(model, evals, stage.name, f"stages.{stage.name}", config, stage.resources, values)
