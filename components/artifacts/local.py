@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from llmpress.components.artifacts import HASH_CHUNK, Stats, Tuning, sha256_file
 from llmpress.components.artifacts.validation import relative_path
@@ -27,6 +28,19 @@ def _version(path: Path) -> str:
 
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _create(path: Path, attempts: int = 5) -> BinaryIO:
+    """``open(path, "wb")``, making its folder: another writer's cleanup removes folders it
+    leaves empty (``LocalStore.delete``), so one made here can vanish before the open."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return open(path, "wb")
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class LocalStore:
@@ -87,12 +101,11 @@ class LocalStore:
             digest = sha256_file(path)
             if sha256_file(target) == digest:
                 return digest, True
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temporary(target)
         digest = hashlib.sha256()
         buffer = bytearray(HASH_CHUNK)
         view = memoryview(buffer)
-        with open(path, "rb", buffering=0) as source, open(tmp, "wb") as out:  # one read: copy and hash
+        with open(path, "rb", buffering=0) as source, _create(tmp) as out:  # one read: copy and hash
             while n := source.readinto(buffer):
                 digest.update(view[:n])
                 out.write(view[:n])
@@ -126,10 +139,16 @@ class LocalStore:
 
     def list(self, prefix: str) -> list[tuple[str, int]]:
         base = self._path(prefix.rstrip("/"))
-        if not base.exists():
-            return []
-        return [(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in sorted(base.rglob("*"))
-                if p.is_file() and p.name != LOCK and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        found = []
+        for p in sorted(base.rglob("*")) if base.exists() else []:
+            if p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                continue
+            try:
+                if p.is_file():
+                    found.append((p.relative_to(self.root).as_posix(), p.stat().st_size))
+            except FileNotFoundError:  # another writer collected it between the listing and now
+                continue
+        return found
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
