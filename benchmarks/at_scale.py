@@ -25,6 +25,10 @@ and ``--stop-after`` cuts what would run past the device call's limit):
   ``weed`` on the PATH);
 - ``kill-resume=SCHEME``: as ``--kill-resume``.
 
+``--parallel`` (a machine with two GPUs) runs a step's two paths at the same time, one on
+each GPU (swapped each repeat): both see the same host load, and a pair costs the device
+time of its slower path.
+
     python benchmarks/at_scale.py --shape llama3-8b --tokenizer DIR --work /tmp/scale --schemes gptq-w4a16 --kill-resume gptq-w4a16
     python benchmarks/at_scale.py --shape llama3-8b --tokenizer DIR --work /tmp/scale --stop-after 540 \
         --steps w8a8=direct sparsegpt-2:4 evaluate awq-w4a16 s3
@@ -213,6 +217,20 @@ def run_child(args: argparse.Namespace, path: str, scheme: str, out: Path, log: 
     return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.time() - start}
 
 
+def run_pair(args: argparse.Namespace, paths: list[str], scheme: str, folder: str, repeat: int, log: Path) -> list[dict[str, Any]]:
+    """Both paths at the same time, each on a GPU of its own (``--parallel``, a machine with
+    two): the same host load for both, and half the device time. The GPUs swap each repeat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(gpu: int, path: str) -> dict[str, Any]:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        row = run_child(args, path, scheme, args.work / f"{folder}-{path}-{repeat}", log, env)
+        return {"repeat": repeat, "gpu": gpu, "concurrent": True, **row}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(one, [0, 1], paths))
+
+
 def s3_transfer(args: argparse.Namespace, log: Path) -> dict[str, Any]:
     """``artifacts_bench.py --artifact`` on the model folder, in a process of its own."""
     figures = args.work / "s3.json"
@@ -261,6 +279,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path (alternating order)")
     parser.add_argument("--kill-resume", nargs="*", default=[], help="schemes to kill once persisted and rerun")
     parser.add_argument("--steps", nargs="*", help="what to run, in order (see above); replaces --schemes and --kill-resume")
+    parser.add_argument("--parallel", action="store_true", help="run a step's two paths at once, on GPUs 0 and 1")
     parser.add_argument("--stop-after", type=float, default=float("inf"), help="seconds: a step still running then is killed, later ones skipped")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
@@ -298,7 +317,12 @@ def main() -> None:
             folder = name.replace(":", "of")
             for repeat in range(args.repeats):
                 order = ("llmpress", "direct") if repeat % 2 == 0 else ("direct", "llmpress")
-                for path in [p for p in order if which in ("", p)]:
+                paths = [p for p in order if which in ("", p)]
+                if args.parallel and len(paths) == 2:
+                    for row in run_pair(args, paths, name, folder, repeat, log):
+                        emit(row)
+                    continue
+                for path in paths:
                     emit({"repeat": repeat, **run_child(args, path, name, args.work / f"{folder}-{path}-{repeat}", log)})
 
 
