@@ -165,10 +165,12 @@ def candidates(search: Search, axes: dict[str, list[tuple[str, dict[str, Any] | 
 
 
 def stage_name(option: dict[str, Any]) -> str:
-    """A readable stage name from its settings: 'gptq-w4a16-g64', 'sparsegpt-50', 'wanda-2of4'."""
+    """A readable stage name from its settings: 'gptq-w4a16-g64', 'gptq-w4a16-g32-asym', 'sparsegpt-50', 'wanda-2of4'."""
     parts = [str(option.get("scheme") or option.get("method") or option["kind"])]
     if "group_size" in option:
         parts.append(f"g{option['group_size']}")
+    if isinstance(option.get("symmetric"), bool):  # a grid over zero points would otherwise name two stages alike
+        parts.append("sym" if option["symmetric"] else "asym")
     if isinstance(option.get("sparsity"), int | float):
         parts.append(f"{round(100 * option['sparsity'])}")
     if option.get("mask_structure") not in (None, "0:0"):

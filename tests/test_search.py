@@ -87,6 +87,13 @@ def test_space_expands_to_every_chain_with_named_shared_stages():
     assert [s.kind for s in stages] == ["prune", "quantize"] and stages[1].group_size == 32
 
 
+def test_a_grid_over_zero_points_names_each_stage_by_its_setting():
+    space = {"quantize": [{"scheme": "gptq-w4a16", "grid": {"group_size": [32], "symmetric": [False, True]}}]}
+    recipe = parse_recipe(search_recipe(space=space))
+    found = [(c.label, stages[0].symmetric) for c, stages in recipe.search_candidates()]
+    assert found == [("gptq-w4a16-g32-asym", False), ("gptq-w4a16-g32-sym", True)]
+
+
 def test_mixed_precision_options_take_their_bits_from_the_size_budget():
     recipe = parse_recipe(search_recipe(space={"mixed_precision": [{"scheme": "nf4", "fill": [1.0, 0.5]}]}))
     budgets = [stages[0].auto_ignore.budget for _, stages in recipe.search_candidates()]
