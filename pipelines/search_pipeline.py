@@ -53,9 +53,10 @@ def build_search_pipeline(recipe: Recipe, images: dict[str, str], place: Any) ->
     evaluation = recipe.evaluation.model_dump_json(exclude={"after_each_stage", "resources"})
     eval_data = recipe.data.evaluation.model_dump_json()
     calibration = recipe.data.calibration.model_dump_json()
-    # the screening: perplexity over a few windows and size; no tasks, speed or sample, and
-    # windows that do not overlap (an overlapping stride rescores context: more compute per scored token)
-    screen_config = recipe.evaluation.model_copy(update={"tasks": [], "sample_tokens": 0, "data": None, "stride": None})
+    # the screening: perplexity over a few windows and size; no tasks, speed, sample or
+    # sparsity count (unpacking every 4-bit code: a tenth of a screening step on SmolLM2),
+    # and windows that do not overlap (an overlapping stride rescores context: more compute per scored token)
+    screen_config = recipe.evaluation.model_copy(update={"tasks": [], "sample_tokens": 0, "data": None, "stride": None, "count_sparsity": False})
     screen_config = screen_config.model_dump(mode="json", exclude={"after_each_stage", "resources"})
     screen_config["latency"]["batch_sizes"] = []
     eval_spec = recipe.evaluation.data or recipe.data.evaluation

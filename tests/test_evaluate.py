@@ -121,6 +121,16 @@ def test_evaluation_labels_every_figure_with_device_and_measurement(evaluated):
     assert base["generation_sample"].startswith("The following example shows how to")
 
 
+def test_an_evaluation_without_the_sparsity_count_has_no_sparsity_figure(tiny_model_dir):
+    from llmpress.components.data import DataSpec, load_texts
+    from llmpress.components.stages.evaluate import EvaluateConfig, run
+
+    data = DataSpec(source="builtin:pydoc-eval", num_samples=2, seq_len=32)
+    metrics = run(tiny_model_dir, EvaluateConfig(latency={"batch_sizes": []}, sample_tokens=0, count_sparsity=False), data, load_texts(data))
+    assert not {"sparsity", "sparsity_counted_weights"} & set(metrics)
+    assert metrics["perplexity"] > 0 and metrics["size_bytes"] > 0
+
+
 def test_cpu_evaluation_computes_in_float32_unless_the_cpu_has_native_bf16(evaluated):
     from llmpress.components.stages.evaluate import compute_dtype
 

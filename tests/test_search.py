@@ -211,6 +211,18 @@ def test_screening_windows_do_not_overlap_even_when_the_full_evaluation_strides(
     assert strides(screened) == {None} and strides(full) == {16}
 
 
+def test_screening_leaves_out_the_sparsity_count_the_full_evaluation_makes(write_recipe, tmp_path):
+    ir = compiled(write_recipe, tmp_path, search_recipe())
+
+    def counts(names):
+        return {json.loads(t["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"])["count_sparsity"] for t in names.values()}
+
+    evals = tasks(ir, "evaluate-candidate")
+    screened = {n: t for n, t in evals.items() if "taskOutputParameter" not in t["inputs"]["parameters"]["decision"]}
+    full = {n: t for n, t in evals.items() if n not in screened}
+    assert counts(screened) == {False} and counts(full) == {True}
+
+
 def model_steps(ir):
     """Each model step: (its component's container, its inputs with pipeline parameters
     resolved to their defaults), by step name: what kfp.local's cache key is made of."""

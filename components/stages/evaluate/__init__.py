@@ -65,6 +65,8 @@ class EvaluateConfig(BaseModel):
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     sample_prompt: str = Field("The following example shows how to", max_length=2000, description="prompt of the fixed greedy generation sample")
     sample_tokens: int = Field(32, ge=0, le=1024, description="tokens of the generation sample; 0 turns it off")
+    count_sparsity: bool = Field(True, description="count the exact zeros of the Linear weights (the sparsity figure); "
+                                 "a search's screening leaves it out")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvaluateConfig:
@@ -95,7 +97,7 @@ def run(
         "size_bytes": size,
         "num_parameters": num_parameters,
         "bits_per_parameter": 8 * size / num_parameters,
-        **sparsity(model),
+        **(sparsity(model) if config.count_sparsity else {}),
         **source_provenance(model_dir),
     }
     stream = token_stream(texts, tokenizer)
