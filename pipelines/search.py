@@ -61,6 +61,9 @@ class Screen(_Strict):
 
     windows: int = Field(8, ge=1, le=100_000, description="evaluation windows of the screening (the full evaluation uses data.evaluation.num_samples)")
     margin: float = Field(0.05, ge=0, le=1, description="perplexity slack: a candidate goes on unless beaten by more than this fraction")
+    keep: Literal["front", "winner"] = Field(
+        "front", description="who gets the full evaluation: every candidate that could be on the (size, perplexity) front, "
+        "or only those that could still be the winner (cheaper; the report's front is drawn from those)")
 
 
 Option = dict[str, Any] | Literal["none"]

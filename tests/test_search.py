@@ -58,6 +58,7 @@ BROKEN = {  # case id: (recipe, text the single error line must contain)
     "neither-stages-nor-search": ({k: v for k, v in tiny_recipe().items() if k != "stages"},
                                  "stages: missing — required (a list of stages, or a search block)"),
     "unknown-objective": (search_recipe(objective="speed"), "search.objective: 'speed' — Input should be 'perplexity' or 'size'"),
+    "unknown-screen-keep": (search_recipe(screen={"windows": 2, "keep": "all"}), "search.screen.keep: 'all' — Input should be 'front' or 'winner'"),
 }
 
 
@@ -276,6 +277,25 @@ def test_screening_keeps_every_feasible_candidate_when_the_budget_limits_speed()
     decision = search_report.screen_decision(screened, {"size_ratio": 0.5, "latency_ratio": 1.0}, margin=0.05)
     assert decision["full"] == ["a", "c"]
     assert "size_ratio 0.9 > 0.5" in decision["dropped"]["big"]
+
+
+def test_screening_for_the_winner_only_keeps_what_could_still_win():
+    # the smallest (d) is on the front but over the perplexity limit; b is within 5% of a
+    screened = [candidate("a", 40, 11.0), candidate("b", 38, 11.3), candidate("c", 39, 12.0), candidate("d", 30, 13.5)]
+    budget = {"size_ratio": 0.5, "perplexity_ratio": 1.25}
+    assert search_report.screen_decision(screened, budget, margin=0.05)["full"] == ["a", "b", "d"]
+    decision = search_report.screen_decision(screened, budget, margin=0.05, keep="winner")
+    assert decision["full"] == ["a", "b"]
+    assert decision["dropped"] == {"c": "beaten on perplexity by more than 5% at screening",
+                                   "d": "perplexity_ratio 1.35 > 1.25 (8.0% over)"}
+
+
+def test_screening_for_the_smallest_winner_keeps_smaller_candidates_that_may_miss_the_limit():
+    # d is the smallest but may miss the limit (within the margin): a, which surely meets it, goes on too; b is larger than a
+    screened = [candidate("a", 40, 11.0), candidate("b", 45, 10.5), candidate("d", 30, 12.8)]
+    decision = search_report.screen_decision(screened, {"perplexity_ratio": 1.25}, margin=0.05, keep="winner", objective="size")
+    assert decision["full"] == ["a", "d"]
+    assert "beaten on size" in decision["dropped"]["b"]
 
 
 def test_winner_is_the_best_candidate_meeting_every_constraint():

@@ -51,7 +51,8 @@ def select_candidates(screened_json: str, search_json: str) -> str:
     """The screening's decision: which candidates the full evaluation measures."""
     search = json.loads(search_json)
     screened = [{"name": e["target"], "metrics": e["metrics"]} for e in json.loads(screened_json)["evaluations"]]
-    decision = search_report.screen_decision(screened, search["budget"], search["screen"]["margin"])
+    screen = search["screen"]
+    decision = search_report.screen_decision(screened, search["budget"], screen["margin"], screen.get("keep", "front"), search["objective"])
     log.info("screening: %d of %d candidates go on to the full evaluation (%s)", len(decision["full"]), len(screened), ", ".join(decision["full"]))
     for name, reason in decision["dropped"].items():
         log.info("screening: %s stops here: %s", name, reason)

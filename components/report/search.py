@@ -89,32 +89,59 @@ def pareto(points: dict[str, tuple[float, float]], slack: float = 0.0) -> list[s
     return sorted(front, key=lambda n: points[n])
 
 
-def screen_decision(screened: list[dict[str, Any]], budget: dict[str, Any], margin: float) -> dict[str, Any]:
+def screen_decision(screened: list[dict[str, Any]], budget: dict[str, Any], margin: float, keep: str = "front",
+                    objective: str = "perplexity") -> dict[str, Any]:
     """Which candidates the full evaluation must still measure, from the screening figures.
 
-    Kept: every candidate that could be on the (size, perplexity) front, within
-    ``margin`` of perplexity, since the screening's few windows only estimate it. When
-    the budget limits something the screening does not measure (accuracy, speed), the
-    winner need not be on that front, so every candidate not already ruled out by size
-    (exact at screening) or by perplexity (beyond its limit by more than ``margin``)
-    is kept too. Returns ``{"full": [names], "dropped": {name: reason}}``."""
+    ``keep="front"``: every candidate that could be on the (size, perplexity) front,
+    within ``margin`` of perplexity, since the screening's few windows only estimate it.
+    ``keep="winner"``: only those that could still be the winner: not ruled out by size
+    (exact at screening) or by perplexity (beyond its limit by more than ``margin``), and
+    not beaten on the objective by another such candidate by more than ``margin`` (the
+    report's front is then drawn from those alone). Either way, when the budget limits
+    something the screening does not measure (accuracy, speed), the winner need not be on
+    that front, so every candidate not ruled out is kept too.
+    Returns ``{"full": [names], "dropped": {name: reason}, "margin", "keep"}``."""
     points = {c["name"]: (c["metrics"]["size_bytes"], c["metrics"]["perplexity"]) for c in screened}
-    front = set(pareto(points, margin))
     unmeasured = [k for k, v in budget.items() if v is not None and k not in EXACT_AT_SCREEN + ESTIMATED_AT_SCREEN]
+    limit = budget.get("perplexity_ratio")
+    ruled_out = {}
+    for c in screened:
+        misses = violations(c["metrics"], budget, EXACT_AT_SCREEN)
+        ratio = c["metrics"].get("perplexity_ratio")
+        if limit is not None and ratio is not None and ratio > limit * (1 + margin):
+            misses.append({"constraint": "perplexity_ratio", "value": ratio, "limit": limit, "by": (ratio - limit) / limit})
+        ruled_out[c["name"]] = misses
+    if keep == "winner":
+        candidates = _could_win({n: p for n, p in points.items() if not ruled_out[n]}, screened, limit, margin, objective)
+    else:
+        candidates = set(pareto(points, margin))
     full, dropped = [], {}
     for c in screened:
-        name, metrics = c["name"], c["metrics"]
-        ruled_out = violations(metrics, budget, EXACT_AT_SCREEN)
-        ratio = metrics.get("perplexity_ratio")
-        limit = budget.get("perplexity_ratio")
-        if limit is not None and ratio is not None and ratio > limit * (1 + margin):
-            ruled_out.append({"constraint": "perplexity_ratio", "value": ratio, "limit": limit, "by": (ratio - limit) / limit})
-        if name in front or (unmeasured and not ruled_out):
+        name = c["name"]
+        if name in candidates or (unmeasured and not ruled_out[name]):
             full.append(name)
             continue
-        reasons = [f"dominated on (size, perplexity) by more than {100 * margin:g}% at screening"]
-        dropped[name] = "; ".join(reasons + [describe(v) for v in ruled_out] if unmeasured else reasons)
-    return {"full": full, "dropped": dropped, "margin": margin}
+        if keep == "winner":
+            reasons = [describe(v) for v in ruled_out[name]] or [f"beaten on {objective} by more than {100 * margin:g}% at screening"]
+        else:
+            reasons = [f"dominated on (size, perplexity) by more than {100 * margin:g}% at screening"]
+            reasons += [describe(v) for v in ruled_out[name]] if unmeasured else []
+        dropped[name] = "; ".join(reasons)
+    return {"full": full, "dropped": dropped, "margin": margin, "keep": keep}
+
+
+def _could_win(points: dict[str, tuple[float, float]], screened: list[dict[str, Any]], limit: float | None, margin: float,
+               objective: str) -> set[str]:
+    """Among candidates within the budget at screening (``points``: size, perplexity), those
+    no other beats on the objective by more than ``margin``. For the size objective, only a
+    smaller candidate sure to meet the perplexity limit (below it by the margin) beats one."""
+    if objective == "size":
+        ratios = {c["name"]: c["metrics"].get("perplexity_ratio") for c in screened}
+        sure = [n for n in points if limit is None or (ratios[n] is not None and ratios[n] * (1 + margin) <= limit)]
+        return {n for n, (size, _) in points.items() if not any(points[o][0] < size for o in sure if o != n)}
+    best = min((ppl for _, ppl in points.values()), default=math.inf)
+    return {n for n, (_, ppl) in points.items() if ppl <= best * (1 + margin)}
 
 
 def pick_winner(evaluated: list[dict[str, Any]], budget: dict[str, Any], objective: str) -> dict[str, Any]:
