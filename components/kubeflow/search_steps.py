@@ -129,7 +129,7 @@ def finish_search(screened_json: str, evaluated_json: str, decision_json: str, s
     found = collect(screened_json, evaluated_json, decision_json, search)
     baseline = json.loads(evaluated_json)["baseline"]
     experiment = recipe["tracking"]["experiment"]
-    parent = steps._open_parent(recipe)
+    parent = steps.open_parent_run(recipe)
     baseline_run = tracking.start_child(parent, "baseline", {"evaluation": baseline["config"]}, experiment)
     tracking.log_metrics(baseline_run, baseline["metrics"])
     tracking.finish(baseline_run)
@@ -169,14 +169,14 @@ def finish_search(screened_json: str, evaluated_json: str, decision_json: str, s
             if found["winner"]:
                 winner = found["candidates_by_name"][found["winner"]]
                 tracking.log_metrics(parent, {f"final.{k}": v for k, v in winner["full"].items()})
-            steps._log_named(parent, results_path, "results.json")
+            steps.log_named_artifact(parent, results_path, "results.json")
             front = Path(tmp) / "front.json"
             front.write_text(json.dumps({k: found[k] for k in ("budget", "front", "front_latency", "winner", "closest", "failed")}, indent=1))
             tracking.log_artifact(parent, front)
             if winner_yaml:
-                steps._log_named(parent, winner_path, "winner.yaml")
+                steps.log_named_artifact(parent, winner_path, "winner.yaml")
             for path in written.values():
-                steps._log_named(parent, str(path), path.name)
+                steps.log_named_artifact(parent, str(path), path.name)
             if found["winner"]:
                 chosen = next(e for e in entries if e["name"] == found["winner"])
                 tracking.register_model(results["tracking"]["register_as"], chosen["model_uri"], parent, chosen["metrics"])

@@ -224,8 +224,9 @@ def import_model(model_json: str, context_json: str, model_out: str) -> None:
         out.discard()
 
 
-def _open_parent(recipe: dict[str, Any]) -> str | None:
-    """The pipeline run's parent run: tags, the recipe as params and as recipe.yaml."""
+def open_parent_run(recipe: dict[str, Any]) -> str | None:
+    """The pipeline run's parent run (the plain pipeline's and a search's report step open
+    it alike): tags, the recipe as params and as recipe.yaml."""
     revision = tracking.git_revision()
     parent = tracking.start_parent(
         recipe["tracking"]["experiment"], recipe["name"], params=recipe,
@@ -411,7 +412,7 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
     evals = json.loads(evals_json)
     evaluated = {e["target"]: e for e in evals["evaluations"]}
     experiment = recipe["tracking"]["experiment"]
-    parent = _open_parent(recipe)
+    parent = open_parent_run(recipe)
 
     def evaluation_run(name: str, evaluation: dict[str, Any], model_id: str | None) -> tuple[str | None, str | None]:
         """The nested run of an evaluation that is not a stage's (the baseline, an evaluate
@@ -463,9 +464,9 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
             final = records[-1]["metrics"] if records else results["baseline"]["metrics"]
             tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
             tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in results["baseline"]["metrics"].items()})
-            _log_named(parent, results_path, "results.json")
+            log_named_artifact(parent, results_path, "results.json")
             for path in written.values():
-                _log_named(parent, str(path), path.name)
+                log_named_artifact(parent, str(path), path.name)
             models = [s for s in records if s.get("model_uri")]
             final_model = models[-1].get("model_id") if models else None
             model_records.log_parent(parent, [d for s in records for d in s.get("datasets", [])] + model_records.evaluation_datasets(evals), final_model)
@@ -475,8 +476,9 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
     print(report.table(results), flush=True)
 
 
-def _log_named(run_id: str, path: str, name: str) -> None:
-    """Log a file under a fixed name (KFP output paths end in the output's name)."""
+def log_named_artifact(run_id: str, path: str, name: str) -> None:
+    """Log a file into ``run_id`` under a fixed name (KFP output paths end in the output's
+    name); both report steps log results.json and the report files this way."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / name
         shutil.copyfile(path, target)
