@@ -1,22 +1,28 @@
 """Search on a real model: the search (screening, then the full evaluation of the
-candidates that can still win) against the full evaluation of every candidate, in one
-invocation, into one run folder (the second run reuses the first's model steps from the
-cache, so only evaluations differ). Prints the candidates, the front, both winners and
-the cost of each.
+candidates that can still be on the front, ``screen.keep: front``), the full evaluation
+of every candidate (``screen: null``) and the search that fully evaluates only the
+candidates that can still win (``screen.keep: winner``), one after another into one run
+folder. Model steps come from the folder's cache (a first run computes them); before
+each run the cached evaluations are dropped, so every run evaluates afresh. Prints the
+candidates, the front, the winners and the cost of each run; ``--report-only`` prints
+them again from the measured-*.json files.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/search_bench.py --model builtin:smollm2-135m --out /tmp/search-bench
 
-The space: the quantize stages of the single-technique recipes in recipes/ that can meet
-a 4-bit size budget, group size left to ``auto`` (64 on SmolLM2's 576-wide layers, where
-demo.yaml's 128 does not divide): gptq-w4a16 (demo.yaml, smollm2-gptq.yaml) and nf4
-(nf4.yaml, without its fixed auto_ignore); and round-to-nearest W4, with and without zero
-points (the quality table's reference rows). Not in it, for the shared 2-core CPU's time:
-awq-w4a16.yaml (AWQ's per-layer grid search) and a mixed-precision candidate (its
-sensitivity pass). Calibration as smollm2-gptq.yaml (16 x 256 tokens). The full evaluation is what a user would want on this text: all of
-pydoc-eval (~8.4k tokens of SmolLM2's tokenizer) in 32 windows of 512 tokens every 256
-(each scored token after the first window sees at least 256 tokens of context), decode
-latency and a generation sample; the screening scores a few non-overlapping 512-token
-windows, without latency or sample.
+The space: every single-technique recipe in recipes/ that can meet a 4-bit size budget,
+with its settings: GPTQ W4A16 with and without zero points at group 32 and 64
+(smollm2-gptq-quality.yaml: g32 with zero points; smollm2-gptq.yaml and demo.yaml:
+the default, symmetric, group auto = 64 on SmolLM2's 576-wide layers, where demo.yaml's
+128 does not divide), nf4 (nf4.yaml, without its fixed auto_ignore) and round-to-nearest
+W4 g64 with and without zero points (the quality table's reference rows). Calibration as
+smollm2-gptq-quality.yaml (64 x 256 tokens of pydoc-train, seed 0), so that its
+candidate is that recipe's model. Not in it: awq-w4a16 (its grid search reruns each
+layer's attention or MLP over all calibration windows 20 times per mapping: hours on a
+2-core CPU; see docs/benchmarks.md). The full evaluation is what a user would want on
+this text: all of pydoc-eval (~8.4k tokens of SmolLM2's tokenizer) in 32 windows of 512
+tokens every 256 (each scored token after the first window sees at least 256 tokens of
+context), decode latency and a generation sample; the screening scores a few
+non-overlapping 512-token windows, without latency, sample or sparsity count.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from pathlib import Path
 
 import yaml
 
-SPACE = {"quantize": [{"scheme": "gptq-w4a16"}, {"scheme": "nf4"}, {"scheme": "rtn-w4a16"},
-                      {"scheme": "rtn-w4a16", "symmetric": True, "name": "rtn-w4a16-sym"}]}
+SPACE = {"quantize": [
+    {"scheme": "gptq-w4a16", "grid": {"group_size": [32, 64], "symmetric": [False, True]}},
+    {"scheme": "nf4"},
+    {"scheme": "rtn-w4a16", "group_size": 64, "grid": {"symmetric": [False, True]}},
+]}
 
 
 def recipe(model: str, budget: dict, screen: dict | None, args: argparse.Namespace) -> dict:
@@ -41,7 +50,7 @@ def recipe(model: str, budget: dict, screen: dict | None, args: argparse.Namespa
         "name": "search-bench",
         "model": {"source": model},
         "data": {
-            "calibration": {"source": "builtin:pydoc-train", "num_samples": 16, "seq_len": 256, "seed": 0},
+            "calibration": {"source": "builtin:pydoc-train", "num_samples": 64, "seq_len": 256, "seed": 0},
             "evaluation": {"source": "builtin:pydoc-eval", "num_samples": args.windows, "seq_len": args.seq_len},
         },
         "evaluation": {"batch_size": 8, "stride": args.stride, "sample_tokens": 16,
@@ -79,6 +88,18 @@ def run(path: Path, out: Path) -> tuple[dict, float, int, dict[str, float]]:
     return json.loads((out / "results.json").read_text()), wall, done.returncode, steps
 
 
+def drop_cached_evaluations(out: Path) -> int:
+    """Remove the run folder's cache entries that hold no model (evaluations, selection,
+    report), so that a run evaluates afresh and takes only model steps from the cache.
+    Returns how many were removed."""
+    removed = 0
+    for entry in (out / "cache").glob("*.json"):
+        if not {"model", "model_out"} & set(json.loads(entry.read_text())):
+            entry.unlink()
+            removed += 1
+    return removed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="builtin:smollm2-135m")
@@ -90,40 +111,59 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=256, help="tokens between the full evaluation's window starts")
     parser.add_argument("--screen-windows", type=int, default=2)
     parser.add_argument("--margin", type=float, default=0.05)
+    parser.add_argument("--modes", default="search,full,winner", help="which runs, in order: search (screen.keep: front), full "
+                        "(screen: null), winner (screen.keep: winner)")
+    parser.add_argument("--report-only", action="store_true", help="print the tables from an earlier run's measured-*.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     budget = {"size_ratio": args.size_ratio, "perplexity_ratio": args.perplexity_ratio}
+    screens = {"search": {"windows": args.screen_windows, "margin": args.margin, "keep": "front"}, "full": None,
+               "winner": {"windows": args.screen_windows, "margin": args.margin, "keep": "winner"}}
     outcome, walls = {}, {}
-    for mode, screen in (("search", {"windows": args.screen_windows, "margin": args.margin}), ("every candidate fully", None)):
-        path = args.out / f"{mode.split()[0]}.yaml"
-        path.write_text(yaml.safe_dump(recipe(args.model, budget, screen, args), sort_keys=False))
-        results, wall, code, steps = run(path, args.out / "run")
-        (args.out / f"results-{mode.split()[0]}.json").write_text(json.dumps(results, indent=1))
-        outcome[mode] = (results["search"], wall, code)
-        walls[mode] = steps
-    first = outcome["search"][0]
-    print(f"model {args.model}; budget {budget}; full evaluation {args.windows} windows of {args.seq_len} tokens every {args.stride}, "
-          f"screening {args.screen_windows} windows of {args.seq_len}\n")
+    for mode in args.modes.split(","):
+        measured = args.out / f"measured-{mode}.json"
+        if not args.report_only:
+            path = args.out / f"{mode}.yaml"
+            path.write_text(yaml.safe_dump(recipe(args.model, budget, screens[mode], args), sort_keys=False))
+            dropped = drop_cached_evaluations(args.out / "run")
+            print(f"{mode}: {dropped} cached evaluation steps dropped; running", flush=True)
+            results, wall, code, steps = run(path, args.out / "run")
+            measured.write_text(json.dumps({"results": results, "wall": wall, "code": code, "steps": steps}, indent=1))
+        kept = json.loads(measured.read_text())
+        outcome[mode] = (kept["results"]["search"], kept["wall"], kept["code"])
+        walls[mode] = kept["steps"]
+    print(f"\nmodel {args.model}; budget {budget}; full evaluation {args.windows} windows of {args.seq_len} tokens every {args.stride}, "
+          f"screening {args.screen_windows} windows of {args.seq_len}, margin {args.margin}\n")
+    every = {c["name"]: c for c in outcome["full"][0]["candidates"]} if "full" in outcome else {}
+    screened = next((outcome[m][0] for m in ("search", "winner") if m in outcome), None)
     print("| candidate | chain | size ratio | ppl ratio (full) | screen ppl ratio | screen s | full evaluation s | "
-          "full evaluation in the search | meets budget |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    every = {c["name"]: c for c in outcome["every candidate fully"][0]["candidates"]}
-    for c in first["candidates"]:
-        full = every[c["name"]]["full"]
-        print(f"| {c['name']} | {c['label']} | {full['size_bytes_ratio']:.3f} | {full['perplexity_ratio']:.4f} | "
-              f"{c['screen']['perplexity_ratio']:.4f} | {c['screen']['eval_wall_time_s']:.1f} | {full['eval_wall_time_s']:.1f} | "
-              f"{'yes' if c['full'] else 'no: ' + first['decision']['dropped'].get(c['name'], '')} | "
-              f"{'yes' if every[c['name']]['meets_budget'] else every[c['name']]['why_not']} |")
-    print("\n| mode | winner | front (size, ppl) | evaluation s | model steps s | total s (steps + evaluation) | llmpress run wall s |")
-    print("|---|---|---|---|---|---|---|")
+          + " | ".join(f"full evaluation in {m}" for m in outcome if m != "full") + " | meets budget |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(outcome) - ("full" in outcome)) + "---|")
+    for c in (screened or outcome["full"][0])["candidates"]:
+        full = (every.get(c["name"]) or c)["full"] or {}
+        screen = c.get("screen") or {}
+        kept = [("yes" if outcome[m][0]["candidates_by_name"][c["name"]]["full"] else "no: " + outcome[m][0]["decision"]["dropped"].get(c["name"], ""))
+                for m in outcome if m != "full"]
+        verdict = every.get(c["name"]) or c
+        print(f"| {c['name']} | {c['label']} | {full.get('size_bytes_ratio', float('nan')):.4f} | {full.get('perplexity_ratio', float('nan')):.4f} | "
+              f"{screen.get('perplexity_ratio', float('nan')):.4f} | {screen.get('eval_wall_time_s', float('nan')):.1f} | "
+              f"{full.get('eval_wall_time_s', float('nan')):.1f} | " + " | ".join(kept) + f" | {'yes' if verdict['meets_budget'] else verdict['why_not']} |")
+    print("\n| mode | fully evaluated | winner | front (size, ppl) | screening s | full evaluations s | evaluation s | "
+          "evaluation steps' wall s | model steps s (cached) | llmpress run wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    step_wall = {m: sum(w for s, w in steps.items() if s.startswith("evaluate")) for m, steps in walls.items()}
     for mode, (search, wall, *_) in outcome.items():
         cost = search["cost"]
-        print(f"| {mode} | {search['winner']} | {', '.join(search['front'])} | {cost['evaluation_s']:.1f} | {cost['stages_s']:.1f} | "
-              f"{cost['evaluation_s'] + first['cost']['stages_s']:.1f} | {wall:.1f} |")
-    s, e = outcome["search"][0]["cost"], outcome["every candidate fully"][0]["cost"]
-    print(f"\nsearch / every candidate fully: evaluation {s['evaluation_s'] / e['evaluation_s']:.2f}, "
-          f"total {(s['evaluation_s'] + first['cost']['stages_s']) / (e['evaluation_s'] + first['cost']['stages_s']):.2f}; "
-          f"same winner: {outcome['search'][0]['winner'] == outcome['every candidate fully'][0]['winner']}")
+        print(f"| {mode} | {len(search['decision']['full'])} of {len(search['candidates'])} | {search['winner']} | {', '.join(search['front'])} | "
+              f"{cost['screen_s']:.1f} | {cost['full_s']:.1f} | {cost['evaluation_s']:.1f} | {step_wall[mode]:.1f} | {cost['stages_s']:.1f} | {wall:.1f} |")
+    if "full" in outcome:
+        e, e_wall = outcome["full"][0]["cost"], outcome["full"][1]
+        for mode in (m for m in outcome if m != "full"):
+            s, s_wall = outcome[mode][0]["cost"], outcome[mode][1]
+            print(f"\n{mode} / every candidate fully: evaluation s {s['evaluation_s'] / e['evaluation_s']:.3f}, "
+                  f"evaluation steps' wall {step_wall[mode] / step_wall['full']:.3f}, llmpress run wall {s_wall / e_wall:.3f}, "
+                  f"llmpress run wall with the model steps {(s_wall + s['stages_s']) / (e_wall + e['stages_s']):.3f}; "
+                  f"same winner: {outcome[mode][0]['winner'] == outcome['full'][0]['winner']}")
     print("\nsteps that ran (wall s from start to end of the step's process; eval_wall_time_s is the part inside the evaluation):")
     for mode, steps in walls.items():
         kinds = {"model": [w for s, w in steps.items() if s.startswith("run-stage")],
@@ -131,7 +171,6 @@ def main() -> None:
                  "other": [w for s, w in steps.items() if not s.startswith(("run-stage", "evaluate"))]}
         print(f"- {mode}: " + "; ".join(f"{k} {len(v)} steps {sum(v):.1f} s" for k, v in kinds.items()))
         print("  " + ", ".join(f"{s} {w:.1f}" for s, w in steps.items()))
-
 
 if __name__ == "__main__":
     main()
