@@ -57,6 +57,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-14b": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
                     "num_attention_heads": 40, "num_key_value_heads": 8, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
                     "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    # Llama-3.2-1B's shapes: the 128k vocabulary of the 8B at a size the development CPU holds
+    "llama3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+                    "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
     # builtin:pydoc-llama-200m's shapes (the 200M figures of docs/benchmarks.md)
     "llama-200m": {"model_type": "llama", "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 2048, "tie_word_embeddings": True},
@@ -106,6 +110,7 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     from llmpress.components.models.io import weights_size_bytes
     from llmpress.components.stages import prune, quantize
 
+    timeline = RssTimeline()
     calibration = DataSpec(source="builtin:pydoc-train", num_samples=samples, seq_len=seq_len, seed=0)
     texts = load_texts(calibration)
     cuda = accelerator() == "cuda"
@@ -129,9 +134,36 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     row.update(path=path, scheme=scheme, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None)
+    row["rss_timeline"] = timeline.stop()
     if path == "evaluate" and cuda:  # each part reset the peak counter: the process's peak is the largest part's
         row["peak_gpu_gib"] = max(row["strided"]["peak_gpu_gib"], row["disjoint"]["peak_gpu_gib"], row["latency_peak_gpu_gib"])
     print("RESULT " + json.dumps(row), flush=True)
+
+
+class RssTimeline:
+    """The process's resident set sampled every 0.1 s from the clock's start; ``stop``
+    returns [seconds, GiB] pairs, the largest sample of each second: which phase the
+    peak host RSS falls in, read against the phases' durations."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.start, self.samples, self.done = time.time(), {}, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.done.wait(0.1):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page / 2**30
+            second = int(time.time() - self.start)
+            self.samples[second] = max(rss, self.samples.get(second, 0.0))
+
+    def stop(self) -> list[list[float]]:
+        self.done.set()
+        self.thread.join()
+        return [[second, round(gib, 2)] for second, gib in sorted(self.samples.items())]
 
 
 def direct_sparsegpt(model_dir: Path, out_dir: Path, calibration: Any, texts: list[str]) -> float:
