@@ -57,10 +57,17 @@ def test_size_floor_counts_a_tied_table_once():
 
 
 def test_output_is_within_three_percent_above_its_floor(tiny_model_dir, tmp_path):
+    import torch
+    from llmpress.components.models.io import load_model
+
     metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="fp8", device="cpu"), CALIBRATION, load_texts(CALIBRATION))
     assert metrics["size_floor_bytes"] <= metrics["size_bytes"]  # a floor, not an estimate
     assert metrics["size_over_floor"] == pytest.approx(metrics["size_bytes"] / metrics["size_floor_bytes"] - 1)
     assert metrics["size_over_floor"] < 0.03
+    # an 8-bit scheme's floor has no zero points: every Linear but the head at 8 bits + a scale per row
+    model, _ = load_model(tiny_model_dir)
+    quantized = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"]
+    assert metrics["size_floor_bytes"] == size_floor_bytes(model, quantized, "fp8", zero_points=False)
 
 
 def test_output_is_what_llmcompressors_own_save_writes(tiny_model_dir, tmp_path):

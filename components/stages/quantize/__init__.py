@@ -265,8 +265,12 @@ def _write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
 
 
 def _symmetric(config: QuantizeConfig) -> bool:
-    # AWQ's published recipe (and AutoAWQ's default) uses zero points, and so does the RTN
-    # baseline of the AWQ paper's tables; GPTQ's does not
+    # fp8 and w8a8 are llm-compressor's symmetric presets (no zero point on disk: counting one
+    # put the floor 0.013 % above their outputs at 8B and 14B). For 4 bits, AWQ's published
+    # recipe (and AutoAWQ's default) uses zero points, and so does the RTN baseline of the
+    # AWQ paper's tables; GPTQ's does not
+    if config.scheme not in quantize_mixed.INT4_SCHEMES:
+        return True
     return config.symmetric if config.symmetric is not None else config.scheme == "gptq-w4a16"
 
 
