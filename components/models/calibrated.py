@@ -1,12 +1,41 @@
-"""Letting go of a model that llm-compressor's ``oneshot`` calibrated.
+"""Calibrating a model with llm-compressor's ``oneshot``, and letting go of it after.
 
-A stage that reloads its output (the self-check) must not still hold the calibrated
-model while it does: at 8B that is 5.3 GiB compressed (quantize) or 16 GB dense on the
-GPU (prune) on top of the reload. Dropping the stage's own reference is not enough;
-two things inside the libraries keep the model alive after ``oneshot`` returns.
+The stages that calibrate (quantize, prune's sparsegpt and wanda) hand ``oneshot`` a
+model on the CPU (``calibrate``). A stage that reloads its output (the self-check)
+must not still hold the calibrated model while it does: at 8B that is 5.3 GiB
+compressed (quantize) or 16 GB dense (prune) on top of the reload. Dropping the
+stage's own reference is not enough; two things inside the libraries keep the model
+alive after ``oneshot`` returns (``release``).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def calibrate(model: Any, recipe: Any, samples: list[list[int]], sequential_offload_device: str = "cpu") -> None:
+    """Run ``oneshot`` with ``recipe`` (llm-compressor modifiers) over tokenized
+    calibration windows; with no windows, data-free.
+
+    ``model`` is meant to live on the CPU: with data, llm-compressor 0.14's sequential
+    pipeline places every module's weights where they are and onloads one decoder
+    layer at a time to its main device (``get_main_device()``: the first GPU whenever
+    one is visible, whatever device the model is on) for the layer's calibration, so
+    a model larger than GPU memory still calibrates, and the GPU holds one layer, its
+    statistics and one batch's activations. The activations between layers are kept
+    on ``sequential_offload_device`` ('cpu': GPU memory stays at one layer's)."""
+    from llmcompressor import oneshot
+
+    kwargs: dict[str, Any] = {}
+    if samples:
+        from datasets import Dataset
+
+        kwargs = {
+            "dataset": Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]}),
+            "max_seq_length": max(len(s) for s in samples), "num_calibration_samples": len(samples),
+            "shuffle_calibration_samples": False, "sequential_offload_device": sequential_offload_device,
+        }
+    oneshot(model=model, recipe=recipe, **kwargs)
 
 
 def release(device: str) -> None:
@@ -30,11 +59,11 @@ def release(device: str) -> None:
        and on the CPU the embedding table stayed alive under the self-check). So the
        copy is emptied too; it served only the finished trace.
     """
-    import gc
     import sys
 
     import torch
     from llmcompressor.core import reset_session
+    from llmpress.components.models.io import free_memory
 
     reset_session()
     try:
@@ -48,6 +77,4 @@ def release(device: str) -> None:
     for namespace in traced.values():
         if namespace is not getattr(sys.modules.get(namespace.get("__name__", "")), "__dict__", None):
             namespace.clear()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    free_memory(device)

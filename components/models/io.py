@@ -140,11 +140,29 @@ def save_model(model: Any, tokenizer: Any, dest: str | Path, **save_kwargs: Any)
 
 
 def pick_device(requested: str = "auto") -> str:
+    """The device a stage's ``device`` setting names: 'auto' is the GPU when one is
+    visible; 'cuda' without one is a UserError before anything is loaded."""
     import torch
 
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError.field("device", "cuda", "no CUDA device is visible to this step; use device: auto or cpu, or give the step a GPU")
+    return requested
+
+
+def free_memory(device: str) -> None:
+    """Free the models the caller has dropped before it loads another: ``del`` alone
+    does not (the first model a process loads stayed alive after ``del`` in a reference
+    cycle until the collector ran, seen on the tiny Llama), and on a GPU the freed blocks
+    go back to the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # Quantization bookkeeping (scales, zero points, activation order), not model parameters.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
-from llmpress.components.errors import UserError
+from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import peak_memory, self_check
@@ -120,7 +120,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     llm-compressor schemes resume: a rerun after a failure past calibration (``resume``)
     reuses the calibrated model. ``resume_key`` names it (the step's content-addressed
     key); by default it is derived from the input's files, the settings and the text."""
-    device = _device(config.device)
+    device = pick_device(config.device)
     start = time.time()
     log.info("quantize: scheme %s on %s", config.scheme, device)
     resumable = None
@@ -155,16 +155,6 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     }
 
 
-def _device(requested: str) -> str:
-    device = pick_device(requested)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError.field("device", "cuda", "no CUDA device is visible to this step; use device: auto or cpu, or give the step a GPU")
-    return device
-
-
 def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str],
                        device: str, resumable: Path) -> dict[str, Any]:
     record = resume.reuse(resumable, out_dir)
@@ -173,7 +163,7 @@ def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: Quant
         record["resumed"] = 1
     else:
         phase = time.time()
-        # on the CPU: llm-compressor's pipelines onload each layer to the accelerator themselves
+        # on the CPU: llm-compressor's pipelines onload each layer to the accelerator themselves (calibrated.calibrate)
         model, tokenizer = load_model(model_dir, dtype="auto", device="cpu")
         load_s = time.time() - phase
         num_parameters = count_parameters(model)
@@ -319,15 +309,4 @@ def llmcompressor_recipe(config: QuantizeConfig, ignore: list[str]) -> list[Any]
 
 def oneshot_quantize(model: Any, config: QuantizeConfig, ignore: list[str], samples: list[list[int]]) -> None:
     """Run llm-compressor's ``oneshot`` on tokenized calibration windows (none for fp8)."""
-    from llmcompressor import oneshot
-
-    kwargs: dict[str, Any] = {}
-    if samples:
-        from datasets import Dataset
-
-        kwargs = {
-            "dataset": Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]}),
-            "max_seq_length": max(len(s) for s in samples), "num_calibration_samples": len(samples),
-            "shuffle_calibration_samples": False, "sequential_offload_device": config.sequential_offload_device,
-        }
-    oneshot(model=model, recipe=llmcompressor_recipe(config, ignore), **kwargs)
+    calibrate(model, llmcompressor_recipe(config, ignore), samples, config.sequential_offload_device)
