@@ -14,7 +14,11 @@
 Unstructured and N:M sparsity keep the tensor shapes (zeros are stored; dense PyTorch
 runs no faster); structured pruning shrinks them. Every run reports per-layer
 sparsity or removed heads/channels, parameter count, size, and the latency of a fixed
-forward pass before and after.
+forward pass before and after (``latency``: where the whole model fits the device).
+
+Only ``structured`` holds the whole model on the GPU while it prunes; the others keep
+it on the CPU and need one decoder layer (sparsegpt, wanda) or one Linear (magnitude)
+on the GPU at a time (``weights_home``).
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
+from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
-from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.io import count_parameters, free_memory, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import check_generates, peak_memory
 from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights
+from llmpress.components.stages.prune import latency as prune_latency
 from llmpress.components.stages.prune import structured as prune_structured
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -40,8 +45,6 @@ log = logging.getLogger(__name__)
 
 UNSTRUCTURED = ("sparsegpt", "wanda", "magnitude")
 DEFAULT_SPARSITY = 0.5
-# The fixed forward pass timed before and after: one sequence of this many tokens.
-LATENCY_TOKENS = 128
 
 
 class PruneConfig(BaseModel):
@@ -140,54 +143,66 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
 
     ``prune_time_s`` is the work a direct llm-compressor call also does (load, prune,
     save); the latency before, the reload self-check and the figures of the output are
-    ``measure_time_s``, apart."""
+    ``measure_time_s``, apart. The model is pruned where ``weights_home`` says; the
+    latencies need it whole on the device and are measured only where it fits
+    (otherwise ``latency_skipped`` says why, and the self-check runs on the CPU)."""
     device = pick_device(config.device)
+    home = weights_home(config.method, device)
     start = time.time()
-    model, tokenizer = load_model(model_dir, dtype="auto", device=device)
+    model, tokenizer = load_model(model_dir, dtype="auto", device=home)
     load_s = time.time() - start
     params_before = count_parameters(model)
-    measured = time.time()
-    latency_before = forward_latency(model, device)
-    measure_s = time.time() - measured
     phase = time.time()
     samples = calibration_samples(calibration, tokenizer, texts) if config.method != "magnitude" else []
     with peak_memory(device) as peak:
         if config.method == "structured":
             metrics, detail = _structured(model, config, samples, device, params_before)
         else:
-            metrics, detail = _unstructured(model, config, samples)
+            metrics, detail = _unstructured(model, config, samples, device)
     calibrate_s = time.time() - phase
     log.info("prune: %s done in %.1f s; saving", config.method, calibrate_s)
     phase = time.time()
     save_model(model, tokenizer, out_dir)
     (Path(out_dir) / "pruning.json").write_text(json.dumps({"method": config.method, "layers": detail}))
     save_s = time.time() - phase
-    log.info("prune: saved in %.1f s; reloading the output to check and measure it", save_s)
+    log.info("prune: saved in %.1f s; measuring the input and reloading the output to check and measure it", save_s)
     del model
     if config.method in ("sparsegpt", "wanda"):
-        release_calibrated(device)  # the reload below must not come on top of it
+        release_calibrated(device)  # the reloads below must not come on top of it
+    else:
+        free_memory(device)
     measured = time.time()
+    size_before = weights_size_bytes(model_dir)  # the larger of the two: the output is as large or smaller
+    skipped = prune_latency.skip_reason(size_before, prune_latency.free_bytes(device), device)
+    if skipped:
+        log.warning("prune: forward latency not measured: %s; the output's self-check runs on the CPU", skipped)
+    # the input again, on the device for its latency only (it was never there whole while pruning)
+    latency_before = None if skipped else prune_latency.model_latency(model_dir, device)
+    check_device = "cpu" if skipped else device
     # one reload serves the self-check and the figures of the output (at 8B each reload is 16 GB)
-    pruned, tokenizer = load_model(out_dir, device=device)
-    check_generates(pruned, tokenizer, device, out_dir)
-    latency_after = forward_latency(pruned, device)
+    pruned, tokenizer = load_model(out_dir, device=check_device)
+    check_generates(pruned, tokenizer, check_device, out_dir)
+    latency_after = None if skipped else prune_latency.forward_latency(pruned, device)
     params_after = count_parameters(pruned)
     nonzero = params_after - sum(int((lin.weight == 0).sum()) for _, lin in linear_weights(decoder_layers(pruned)))
     del pruned
-    measure_s += time.time() - measured
-    log.info("pruned with %s: %d -> %d parameters (%d non-zero), forward %.2f -> %.2f ms",
-             config.method, params_before, params_after, nonzero, latency_before * 1e3, latency_after * 1e3)
+    measure_s = time.time() - measured
+    if latency_before is None or latency_after is None:
+        latency: dict[str, Any] = {"latency_skipped": skipped}
+        log.info("pruned with %s: %d -> %d parameters (%d non-zero)", config.method, params_before, params_after, nonzero)
+    else:
+        latency = {"latency_ms_before": latency_before * 1e3, "latency_ms_after": latency_after * 1e3, "forward_speedup": latency_before / latency_after}
+        log.info("pruned with %s: %d -> %d parameters (%d non-zero), forward %.2f -> %.2f ms",
+                 config.method, params_before, params_after, nonzero, latency_before * 1e3, latency_after * 1e3)
     return {
         **metrics,
         "num_parameters_before": params_before,
         "num_parameters": params_after,
         "nonzero_parameters": nonzero,
-        "size_bytes_before": weights_size_bytes(model_dir),
+        "size_bytes_before": size_before,
         "size_bytes": weights_size_bytes(out_dir),
         "bits_per_parameter": 8 * weights_size_bytes(out_dir) / params_after,
-        "latency_ms_before": latency_before * 1e3,
-        "latency_ms_after": latency_after * 1e3,
-        "forward_speedup": latency_before / latency_after,
+        **latency,
         "calibration_samples": len(samples),
         "load_time_s": load_s,
         "calibrate_time_s": calibrate_s,
@@ -199,24 +214,15 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
     }
 
 
-def forward_latency(model: Any, device: str, tokens: int = LATENCY_TOKENS, repeats: int = 10) -> float:
-    """Median seconds of one forward pass over a fixed sequence (seeded random token ids)."""
-    import torch
+def weights_home(method: str, device: str) -> str:
+    """Where the model's weights live while ``method`` prunes it on ``device``.
 
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 2):  # two warm-ups: kernel selection and caches stay out
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    sparsegpt and wanda: on the CPU; llm-compressor onloads one decoder layer at a time
+    to the GPU (``calibrated.calibrate``). magnitude: on the CPU; each Linear's mask is
+    computed on the device, one Linear at a time. None of the three needs the whole
+    model on the GPU, so a model larger than it prunes. structured: on the device; its
+    importance pass runs the whole model forward over every calibration window."""
+    return device if method == "structured" else "cpu"
 
 
 # --- unstructured and N:M ----------------------------------------------------------------
@@ -234,7 +240,7 @@ def layer_schedule(config: PruneConfig, num_layers: int) -> list[float]:
     return [0.0 if i in config.keep_layers else s for i, s in enumerate(schedule)]
 
 
-def _unstructured(model: Any, config: PruneConfig, samples: list[list[int]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _unstructured(model: Any, config: PruneConfig, samples: list[list[int]], device: str = "cpu") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     layers = decoder_layers(model)
     schedule = layer_schedule(config, len(layers))
     nm = config.nm()
@@ -247,23 +253,25 @@ def _unstructured(model: Any, config: PruneConfig, samples: list[list[int]]) -> 
     ignore = list(config.ignore) + [f"re:{re.escape(prefix)}\\.{i}\\." for i in config.keep_layers]
     left_dense = _matching(model, prefix, list(config.ignore))
     if config.method == "magnitude":
-        _magnitude(model, schedule, nm, left_dense)
+        _magnitude(model, schedule, nm, left_dense, device)
     else:
         _oneshot(model, config, samples, schedule, type(layers[0]).__name__, ignore)
     per_layer = layer_report(model, nm, skip=left_dense)
     for entry, target in zip(per_layer, schedule, strict=True):
         entry["target"] = target
-    weights = [lin.weight for _, lin in linear_weights(layers)]
-    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    metrics: dict[str, Any] = {"decoder_sparsity": zeros, "layers": per_layer}
+    # one weight at a time: after oneshot each read of a weight is a copy onloaded to the GPU
+    zeros = total = 0
+    for _, linear in linear_weights(layers):
+        weight = linear.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    metrics: dict[str, Any] = {"decoder_sparsity": zeros / total, "layers": per_layer}
     if nm:
         metrics["nm_violations"] = sum(e["nm_violations"] for e in per_layer)
     return metrics, per_layer
 
 
 def _oneshot(model: Any, config: PruneConfig, samples: list[list[int]], schedule: list[float], layer_class: str, ignore: list[str]) -> None:
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     common = {"sparsity": schedule, "mask_structure": config.mask_structure, "targets": [layer_class], "ignore": ignore}
@@ -271,11 +279,7 @@ def _oneshot(model: Any, config: PruneConfig, samples: list[list[int]], schedule
         modifier = SparseGPTModifier(**common, dampening_frac=config.dampening_frac)
     else:
         modifier = WandaPruningModifier(**common)
-    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-    oneshot(
-        model=model, dataset=dataset, recipe=modifier, max_seq_length=max(len(s) for s in samples),
-        num_calibration_samples=len(samples), shuffle_calibration_samples=False,
-    )
+    calibrate(model, modifier, samples)
 
 
 def _matching(model: Any, prefix: str, ignore: list[str]) -> set[Any]:
@@ -285,7 +289,9 @@ def _matching(model: Any, prefix: str, ignore: list[str]) -> set[Any]:
     return {lin for i, layer in enumerate(decoder_layers(model)) for name, lin in linear_weights(layer) if match_targets(f"{prefix}.{i}.{name}", lin, ignore)}
 
 
-def _magnitude(model: Any, schedule: list[float], nm: tuple[int, int] | None, left_dense: set[Any]) -> None:
+def _magnitude(model: Any, schedule: list[float], nm: tuple[int, int] | None, left_dense: set[Any], device: str) -> None:
+    """Zero the smallest |w| of each Linear; the mask of each is computed on ``device``
+    (the sort is fast there) one Linear at a time, wherever the model lives."""
     import torch
     from llmcompressor.modifiers.pruning.utils.pytorch import PruningMaskCreatorArgs, PruningMaskFactory
 
@@ -294,16 +300,19 @@ def _magnitude(model: Any, schedule: list[float], nm: tuple[int, int] | None, le
         for _, linear in linear_weights(layer):
             if schedule[i] == 0 or linear in left_dense:
                 continue
-            w = linear.weight.data
+            weight = linear.weight.data
+            w = weight.to(device)  # ``weight`` itself when the model is on the device
             if nm:
                 n, m = nm
                 groups = w.abs().reshape(w.shape[0], -1, m)
                 mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1, largest=False).indices, False)
                 mask = mask.reshape(w.shape)
             else:
-                mask = unstructured(PruningMaskCreatorArgs(parameter=linear.weight, sparsity=schedule[i], scores=w.abs()))
+                mask = unstructured(PruningMaskCreatorArgs(parameter=w, sparsity=schedule[i], scores=w.abs()))
             with torch.no_grad():
                 w.mul_(mask.to(w.dtype))
+                if w is not weight:
+                    weight.copy_(w)
 
 
 # --- structured ----------------------------------------------------------------------------
