@@ -62,6 +62,17 @@ def test_markdown_has_a_table_per_stage_with_baseline_and_ratio(results):
     assert "![quality against size](quality_vs_size.png)" in text and "> use it" in text
 
 
+def test_a_stage_whose_latency_was_skipped_says_why_under_its_heading(results):
+    from llmpress.components import report
+
+    reason = "the model's 131.4 GiB of weights and 3.6 GiB of headroom for a forward pass exceed the 80.0 GiB free on cuda"
+    results["stages"][0]["metrics"]["latency_skipped"] = reason
+    text = report.markdown(results)
+    section = text[text.index("## prune-50 (prune)"):text.index("## gptq (quantize)")]
+    assert f"forward latency not measured: {reason}" in section
+    assert "latency not measured" not in text.replace(section, "")
+
+
 def test_write_report_makes_markdown_html_and_a_valid_png(results, tmp_path):
     import matplotlib.image
     from llmpress.components import report

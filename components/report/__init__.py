@@ -127,6 +127,8 @@ def caption(metrics: dict[str, Any]) -> str:
         parts.append(f"peak memory is the {metrics['eval_peak_memory_kind']} over the whole evaluation")
     if any(k.startswith("ttft_ms.") for k in metrics):
         parts.append("speed keys name their shapes: b = batch, in = prompt tokens, out = generated tokens")
+    if "latency_skipped" in metrics:  # a prune stage whose model did not fit its device
+        parts.append(f"forward latency not measured: {metrics['latency_skipped']}")
     return "; ".join(parts)
 
 
