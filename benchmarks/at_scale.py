@@ -289,9 +289,15 @@ def kill_resume(args: argparse.Namespace, scheme: str, log: Path) -> dict[str, A
     command = [sys.executable, __file__, "--child", "llmpress", "--model", str(args.work / "base"), "--out", str(args.work / f"{scheme}-killed"),
                "--schemes", scheme, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     start = time.time()
+    if args.deadline - start <= 5:
+        return {"path": "kill+resume", "scheme": scheme, "error": "not run: --stop-after reached"}
     with log.open("a") as sink:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, env=env)
         while proc.poll() is None and not list(resume_root.glob("quantize-*/llmpress-calibrated.json")):
+            if time.time() > args.deadline:  # the first run obeys --stop-after too (call 10 ran into the call's limit)
+                proc.kill()
+                proc.wait()
+                return {"path": "kill+resume", "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s before it persisted: --stop-after reached"}
             time.sleep(0.05)
         persisted_s = time.time() - start
         proc.send_signal(signal.SIGKILL)
