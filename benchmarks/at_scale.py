@@ -130,7 +130,8 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     else:
         from quantize_vs_oneshot import direct_oneshot
 
-        row = {"wall_s": direct_oneshot(Path(model), Path(out), scheme, calibration, texts), "size_bytes": weights_size_bytes(out)}
+        phases: dict[str, float] = {}
+        row = {"wall_s": direct_oneshot(Path(model), Path(out), scheme, calibration, texts, phases), **phases, "size_bytes": weights_size_bytes(out)}
     row.update(path=path, scheme=scheme, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None)

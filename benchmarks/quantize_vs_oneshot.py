@@ -31,8 +31,12 @@ DIRECT_SCHEMES = {"gptq-w4a16": "W4A16", "awq-w4a16": "W4A16_ASYM"}
 DATA_FREE = ("fp8",)
 
 
-def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: DataSpec, texts: list[str]) -> float:
-    """llm-compressor without llmpress; returns seconds for load + tokenize + oneshot + save."""
+def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: DataSpec, texts: list[str],
+                   phases: dict[str, float] | None = None) -> float:
+    """llm-compressor without llmpress; returns seconds for load + tokenize + oneshot + save.
+    ``phases``, when given, receives them apart as llmpress's stage reports its own
+    (load_time_s, calibrate_time_s: tokenize + oneshot, save_time_s), so an overhead can be
+    itemized phase by phase."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -42,6 +46,7 @@ def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: Dat
     start = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    loaded = time.time()
     if scheme == "awq-w4a16":
         recipe: Any = [AWQModifier(), QuantizationModifier(targets="Linear", scheme=DIRECT_SCHEMES[scheme], ignore=["lm_head"])]
     elif scheme == "fp8":
@@ -57,9 +62,13 @@ def direct_oneshot(model_dir: Path, out_dir: Path, scheme: str, calibration: Dat
         dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
         oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calibration.seq_len,
                 num_calibration_samples=len(samples), shuffle_calibration_samples=False)
+    calibrated = time.time()
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
-    return time.time() - start
+    end = time.time()
+    if phases is not None:
+        phases.update(load_time_s=loaded - start, calibrate_time_s=calibrated - loaded, save_time_s=end - calibrated)
+    return end - start
 
 
 def held_out_perplexity(model_dir: Path, evaluation: DataSpec, texts: list[str], device: str) -> float:
