@@ -154,33 +154,24 @@ def finish_search(screened_json: str, evaluated_json: str, decision_json: str, s
         "stages": entries,
         "search": found,
     }
-    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(results_path).write_text(json.dumps(results, indent=2))
     Path(winner_path).parent.mkdir(parents=True, exist_ok=True)
     Path(winner_path).write_text(winner_yaml or "# nothing meets the budget: " + "; ".join(found["failed"]) + "\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        written = report.write_report(results, tmp, [])
-        Path(report_path).write_text(report.markdown(results, report.data_uri(written["plot"]), [])
-                                     + search_report.markdown(results, report.data_uri(written["front"])))
-        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(written["html"].read_text())
-        if parent:
-            tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in baseline["metrics"].items()})
-            if found["winner"]:
-                winner = found["candidates_by_name"][found["winner"]]
-                tracking.log_metrics(parent, {f"final.{k}": v for k, v in winner["full"].items()})
-            steps.log_named_artifact(parent, results_path, "results.json")
+    steps.publish_report(results, results_path, report_path, html_path, parent, [])
+    if parent:
+        tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in baseline["metrics"].items()})
+        if found["winner"]:
+            winner = found["candidates_by_name"][found["winner"]]
+            tracking.log_metrics(parent, {f"final.{k}": v for k, v in winner["full"].items()})
+        with tempfile.TemporaryDirectory() as tmp:
             front = Path(tmp) / "front.json"
             front.write_text(json.dumps({k: found[k] for k in ("budget", "front", "front_latency", "winner", "closest", "failed")}, indent=1))
             tracking.log_artifact(parent, front)
-            if winner_yaml:
-                steps.log_named_artifact(parent, winner_path, "winner.yaml")
-            for path in written.values():
-                steps.log_named_artifact(parent, str(path), path.name)
-            if found["winner"]:
-                chosen = next(e for e in entries if e["name"] == found["winner"])
-                tracking.register_model(results["tracking"]["register_as"], chosen["model_uri"], parent, chosen["metrics"])
-            tracking.finish(parent)
+        if winner_yaml:
+            steps.log_named_artifact(parent, winner_path, "winner.yaml")
+        if found["winner"]:
+            chosen = next(e for e in entries if e["name"] == found["winner"])
+            tracking.register_model(results["tracking"]["register_as"], chosen["model_uri"], parent, chosen["metrics"])
+        tracking.finish(parent)
     print(report.table(results), flush=True)
     print(verdict_line(found), flush=True)
     return _figures(found)

@@ -34,6 +34,7 @@ from llmpress.components.errors import UserError
 from llmpress.components.kubeflow import distill_step, model_records
 from llmpress.components.models.gguf import is_gguf
 from llmpress.components.models.io import ModelSpec, check_model_dir, fetch_model
+from llmpress.components.report import search as search_report
 from llmpress.components.stages import evaluate as evaluate_stage
 from llmpress.components.stages import prune as prune_stage
 from llmpress.components.stages import quantize as quantize_stage
@@ -450,30 +451,42 @@ def finish(stages_json: str, evals_json: str, recipe_json: str, results_path: st
         "baseline": {"metrics": evals["baseline"]["metrics"], "run_id": baseline_run, "model_id": baseline_model},
         "stages": records,
     }
+    publish_report(results, results_path, report_path, html_path, parent, report.earlier_points(results))
+    if parent:
+        final = records[-1]["metrics"] if records else results["baseline"]["metrics"]
+        tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
+        tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in results["baseline"]["metrics"].items()})
+        models = [s for s in records if s.get("model_uri")]
+        final_model = models[-1].get("model_id") if models else None
+        model_records.log_parent(parent, [d for s in records for d in s.get("datasets", [])] + model_records.evaluation_datasets(evals), final_model)
+        if models:
+            tracking.register_model(results["tracking"]["register_as"], models[-1]["model_uri"], parent, models[-1]["metrics"], model=final_model)
+        tracking.finish(parent)
+    print(report.table(results), flush=True)
+
+
+def publish_report(results: dict[str, Any], results_path: str, report_path: str, html_path: str | None, parent: str | None,
+                   earlier: list[dict[str, Any]]) -> None:
+    """Both report steps' common tail: write results.json, render the report (Markdown
+    with its plots inline, HTML; ``earlier``: other runs' points the plot shows in grey)
+    and, with a parent run, log results.json and every report file on it. The caller
+    logs its own figures on the parent run and closes it."""
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(results, indent=2))
     with tempfile.TemporaryDirectory() as tmp:
-        earlier = report.earlier_points(results)
         written = report.write_report(results, tmp, earlier)
-        # KFP's viewers cannot follow a relative link: the plot goes inline
-        Path(report_path).write_text(report.markdown(results, report.data_uri(written["plot"]), earlier))
+        # KFP's viewers cannot follow a relative link: the plots go inline
+        inline = report.markdown(results, report.data_uri(written["plot"]), earlier)
+        if "front" in written:  # a search's run: its section after the usual tables, as in report.md
+            inline += search_report.markdown(results, report.data_uri(written["front"]))
+        Path(report_path).write_text(inline)
         if html_path:
             Path(html_path).parent.mkdir(parents=True, exist_ok=True)
             Path(html_path).write_text(written["html"].read_text())
         if parent:
-            final = records[-1]["metrics"] if records else results["baseline"]["metrics"]
-            tracking.log_metrics(parent, {f"final.{k}": v for k, v in final.items()})
-            tracking.log_metrics(parent, {f"baseline.{k}": v for k, v in results["baseline"]["metrics"].items()})
             log_named_artifact(parent, results_path, "results.json")
             for path in written.values():
                 log_named_artifact(parent, str(path), path.name)
-            models = [s for s in records if s.get("model_uri")]
-            final_model = models[-1].get("model_id") if models else None
-            model_records.log_parent(parent, [d for s in records for d in s.get("datasets", [])] + model_records.evaluation_datasets(evals), final_model)
-            if models:
-                tracking.register_model(results["tracking"]["register_as"], models[-1]["model_uri"], parent, models[-1]["metrics"], model=final_model)
-            tracking.finish(parent)
-    print(report.table(results), flush=True)
 
 
 def log_named_artifact(run_id: str, path: str, name: str) -> None:
