@@ -16,8 +16,9 @@ TINY = "builtin:pydoc-llama-tiny"
 
 # One torch thread per process, here and in every subprocess the tests start (pipeline
 # steps, `llmpress run`): the test models are too small to gain from a second thread,
-# and two processes each spinning two threads on two cores slowed a batch-8 decode of
-# the tiny model 70-fold (docs/benchmarks.md, "Test suite"). A value the caller set stays.
+# and with two processes each spinning two threads on two cores the tiny model's latency
+# measurement took 50 times as long (docs/benchmarks.md, "Test suite"). A value the
+# caller set stays.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The modules whose fixtures run whole pipelines take minutes each. The suite runs on two
