@@ -21,10 +21,10 @@ TINY = "builtin:pydoc-llama-tiny"
 # caller set stays.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The modules whose fixtures run whole pipelines take minutes each. The suite runs on two
-# workers, a file to a worker (pyproject: -n 2 --dist loadfile); these start first, so
-# that the two workers end together instead of one running them alone at the end;
-# the longest first.
+# The modules whose fixtures run whole pipelines take minutes each. The README's test
+# command runs the suite on two workers, a file to a worker, in this order (-n 2 --dist
+# loadfile --no-loadscope-reorder); these start first, the longest first, so that the
+# two workers end together instead of one running them alone at the end.
 LONG_MODULES = ("test_resume_edit.py", "test_pipeline_local.py", "test_tracking.py", "test_distill.py")
 
 
