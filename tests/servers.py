@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,35 @@ ACCESS_KEY = "llmpress-test-access-4f7c"
 SECRET_KEY = "llmpress-test-secret-9Zq2xW"  # tests assert this never shows up in any output
 
 
+_HANDED_OUT: set[int] = set()
+WORKER_PORTS = 2000  # per pytest-xdist worker, from 16000 up: 8 workers stay below Linux's ephemeral range
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, never one this process handed out before.
+
+    A port is only reserved once its server binds it, so under pytest-xdist two workers
+    could pick the same free port in between: each worker picks from a range of its own
+    (gw0: 16000-17999, gw1: 18000-19999, ...), below the ephemeral range that bind(0)
+    and outgoing connections draw from. Without a worker id (or beyond 8 workers): bind(0)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else None
+    if index is not None and index < 8:
+        low = 16000 + WORKER_PORTS * index
+        candidates = random.sample(range(low, low + WORKER_PORTS), WORKER_PORTS)
+    else:
+        candidates = [0] * 100
+    for candidate in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:  # taken (or in TIME_WAIT): the next one
+                continue
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 for worker {worker or 'main'}")
 
 
 class Server:
