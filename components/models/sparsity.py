@@ -38,6 +38,17 @@ def linear_weights(module: Any) -> Iterator[tuple[str, Any]]:
             yield name, child
 
 
+def zero_count(module: Any) -> tuple[int, int]:
+    """(exact zeros, weights) over the weights of every Linear inside ``module``, read one
+    at a time (in a model offloaded by llm-compressor each read is an onloaded copy)."""
+    zeros = total = 0
+    for _, linear in linear_weights(module):
+        weight = linear.weight.detach()
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros, total
+
+
 def nm_violations(weight: Any, n: int, m: int) -> int:
     """Groups of ``m`` consecutive weights along the input dimension holding fewer than
     ``n`` zeros (0 means the weight follows the N:M pattern exactly)."""

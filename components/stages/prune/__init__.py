@@ -36,7 +36,7 @@ from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, free_memory, load_model, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import check_generates, peak_memory
-from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights
+from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights, zero_count
 from llmpress.components.stages.prune import latency as prune_latency
 from llmpress.components.stages.prune import structured as prune_structured
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -184,7 +184,10 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
     check_generates(pruned, tokenizer, check_device, out_dir)
     latency_after = None if skipped else prune_latency.forward_latency(pruned, device)
     params_after = count_parameters(pruned)
-    nonzero = params_after - sum(int((lin.weight == 0).sum()) for _, lin in linear_weights(decoder_layers(pruned)))
+    zeros, decoder_weights = zero_count(decoder_layers(pruned))
+    nonzero = params_after - zeros
+    if config.method in UNSTRUCTURED:  # counted here, on the output, not on the pruned model, where each read onloads a copy
+        metrics["decoder_sparsity"] = zeros / decoder_weights
     del pruned
     measure_s = time.time() - measured
     if latency_before is None or latency_after is None:
@@ -259,13 +262,7 @@ def _unstructured(model: Any, config: PruneConfig, samples: list[list[int]], dev
     per_layer = layer_report(model, nm, skip=left_dense)
     for entry, target in zip(per_layer, schedule, strict=True):
         entry["target"] = target
-    # one weight at a time: after oneshot each read of a weight is a copy onloaded to the GPU
-    zeros = total = 0
-    for _, linear in linear_weights(layers):
-        weight = linear.weight
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    metrics: dict[str, Any] = {"decoder_sparsity": zeros / total, "layers": per_layer}
+    metrics: dict[str, Any] = {"layers": per_layer}  # decoder_sparsity: counted on the reloaded output (run)
     if nm:
         metrics["nm_violations"] = sum(e["nm_violations"] for e in per_layer)
     return metrics, per_layer
