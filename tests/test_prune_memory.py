@@ -4,6 +4,7 @@ before and after, and only where it fits there."""
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 
@@ -138,6 +139,17 @@ def test_pruning_on_cuda_holds_far_less_than_the_model_on_the_gpu(method, texts,
 
     model_dir = build_builtin("pydoc-llama-200m")  # 197M parameters, 394 MB of bf16
     metrics = prune.run(model_dir, tmp_path / "out", PruneConfig(method=method, device="cuda"), CALIBRATION, texts)
-    assert 0 < metrics["peak_memory_bytes"] < metrics["size_bytes_before"] / 2
+    # half the model, plus the Hessians SparseGPT needs whatever the model's depth: it
+    # peaked at 206 MB on the H200, 52 % of this model (2026-11-30, call 13)
+    hessians = one_layer_hessian_bytes(model_dir) if method == "sparsegpt" else 0
+    assert 0 < metrics["peak_memory_bytes"] < metrics["size_bytes_before"] / 2 + hessians
     assert set(calibrated_layer_homes) == (set() if method == "magnitude" else {"cpu"})  # magnitude calibrates nothing
     assert all(metrics[key] > 0 for key in LATENCY_KEYS)  # 394 MB fits any GPU
+
+
+def one_layer_hessian_bytes(model_dir) -> int:
+    """SparseGPT's fp32 Hessians (inputs x inputs) of one decoder layer's seven Linears,
+    which live on the GPU together while that layer is calibrated."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    return 4 * (6 * hidden**2 + inner**2)  # q, k, v, o, gate and up read `hidden` inputs; down reads `inner`
