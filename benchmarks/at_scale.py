@@ -23,7 +23,11 @@ and ``--stop-after`` cuts what would run past the device call's limit):
   memory (random weights: the perplexity value means nothing);
 - ``s3``: ``artifacts_bench.py --artifact`` on the model folder (SeaweedFS on 127.0.0.1,
   ``weed`` on the PATH);
-- ``kill-resume=SCHEME``: as ``--kill-resume``.
+- ``kill-resume=SCHEME``: as ``--kill-resume``;
+- ``sparsegpt-layer``: llm-compressor's SparseGPT 2:4 (``sparsify_weight``) on one decoder
+  layer's Linear shapes, with Hessians of random activations, timed on the device: seconds
+  a layer and the whole model's calibration estimated from it (x layers), before a device
+  call is spent on a path that may not fit in it.
 
 ``--parallel`` (a machine with two GPUs) runs a step's two paths at the same time, one on
 each GPU (swapped each repeat): both see the same host load, and a pair costs the device
@@ -111,6 +115,18 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
     from llmpress.components.stages import prune, quantize
 
     timeline = RssTimeline()
+
+    def peaks() -> dict[str, Any]:
+        cuda = torch.cuda.is_available()
+        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+
+    def killed(_signum: int, _frame: Any) -> None:  # --stop-after: the peaks so far, for the row
+        print("PARTIAL " + json.dumps({"path": path, "scheme": scheme, **peaks(), "rss_timeline": timeline.stop()}), flush=True)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, killed)
     calibration = DataSpec(source="builtin:pydoc-train", num_samples=samples, seq_len=seq_len, seed=0)
     texts = load_texts(calibration)
     cuda = accelerator() == "cuda"
@@ -118,6 +134,8 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
         torch.cuda.reset_peak_memory_stats()
     if path == "evaluate":
         row = evaluate_figures(Path(model))
+    elif path == "layer":
+        row = sparsegpt_layer_time(Path(model), samples * seq_len)
     elif path == "llmpress" and scheme in PRUNE_SCHEMES:
         config = prune.PruneConfig(method="sparsegpt", mask_structure="2:4", device=accelerator())
         metrics = prune.run(model, out, config, calibration, texts)
@@ -132,9 +150,7 @@ def child(path: str, model: str, out: str, scheme: str, samples: int, seq_len: i
 
         phases: dict[str, float] = {}
         row = {"wall_s": direct_oneshot(Path(model), Path(out), scheme, calibration, texts, phases), **phases, "size_bytes": weights_size_bytes(out)}
-    row.update(path=path, scheme=scheme, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None)
+    row.update(path=path, scheme=scheme, **peaks())
     row["rss_timeline"] = timeline.stop()
     if path == "evaluate" and cuda:  # each part reset the peak counter: the process's peak is the largest part's
         row["peak_gpu_gib"] = max(row["strided"]["peak_gpu_gib"], row["disjoint"]["peak_gpu_gib"], row["latency_peak_gpu_gib"])
@@ -188,6 +204,38 @@ def direct_sparsegpt(model_dir: Path, out_dir: Path, calibration: Any, texts: li
     return time.time() - start
 
 
+def sparsegpt_layer_time(model_dir: Path, tokens: int) -> dict[str, Any]:
+    """SparseGPT 2:4 as llm-compressor runs it on each Linear of one decoder layer of the
+    model's shapes (random weights; Hessians of ``tokens`` random activations), on the
+    device: the column loop's cost grows with the input columns, not with the data."""
+    import torch
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import accumulate_hessian, make_empty_hessian, sparsify_weight
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inner, heads, kv = (config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    head_dim = hidden // heads
+    shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden), "v_proj": (kv * head_dim, hidden),
+              "o_proj": (hidden, heads * head_dim), "gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+    device = accelerator()
+    seconds: dict[str, float] = {}
+    for name, (rows, columns) in shapes.items():
+        layer = torch.nn.Linear(columns, rows, bias=False, device=device, dtype=torch.bfloat16)
+        hessian, count = make_empty_hessian(layer), 0
+        for _ in range(max(1, tokens // 512)):
+            hessian, count = accumulate_hessian(torch.randn(1, 512, columns, device=device, dtype=torch.bfloat16), layer, hessian, count)
+        _sync(device)
+        start = time.time()
+        with torch.no_grad():  # as the modifier calls it
+            sparsify_weight(layer, {layer: hessian}, sparsity=0.5, prune_n=2, prune_m=4, block_size=128, dampening_frac=0.01,
+                            preserve_sparsity_mask=False)
+        _sync(device)
+        seconds[name] = time.time() - start
+    per_layer = sum(seconds.values())
+    columns = sum(c for _, c in shapes.values())
+    return {"wall_s": per_layer, "modules_s": seconds, "input_columns": columns, "ms_per_column": 1000 * per_layer / columns,
+            "layers": config["num_hidden_layers"], "calibration_estimate_s": per_layer * config["num_hidden_layers"]}
+
+
 def evaluate_figures(model_dir: Path) -> dict[str, Any]:
     """The evaluate stage's perplexity and latency functions on the model, each timed and
     with its own peak GPU memory (the weights are random: the perplexity value means nothing)."""
@@ -238,15 +286,24 @@ def run_child(args: argparse.Namespace, path: str, scheme: str, out: Path, log: 
     if left <= 5:
         return {"path": path, "scheme": scheme, "error": "not run: --stop-after reached"}
     with log.open("a") as sink:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env)
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env, timeout=left if math.isfinite(left) else None)
+            stdout, _ = proc.communicate(timeout=left if math.isfinite(left) else None)
         except subprocess.TimeoutExpired:
+            proc.terminate()  # the child prints its peaks so far (PARTIAL); its phases are in the log
+            try:
+                stdout, _ = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, _ = proc.communicate()
             shutil.rmtree(out, ignore_errors=True)
-            return {"path": path, "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s: --stop-after reached"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            partial = [line for line in stdout.splitlines() if line.startswith("PARTIAL ")]
+            return {"path": path, "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s: --stop-after reached; phases so far in {log.name}",
+                    **({"partial": json.loads(partial[-1][len("PARTIAL "):])} if partial else {})}
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     shutil.rmtree(out, ignore_errors=True)  # sizes are measured; the disk holds few 8B outputs
-    if done.returncode or not lines:
-        return {"path": path, "scheme": scheme, "error": f"exit {done.returncode}; see {log.name}"}
+    if proc.returncode or not lines:
+        return {"path": path, "scheme": scheme, "error": f"exit {proc.returncode}; see {log.name}"}
     return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.time() - start}
 
 
@@ -322,7 +379,7 @@ def main() -> None:
     parser.add_argument("--stop-after", type=float, default=float("inf"), help="seconds: a step still running then is killed, later ones skipped")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--child", choices=["llmpress", "direct", "evaluate"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["llmpress", "direct", "evaluate", "layer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -348,6 +405,8 @@ def main() -> None:
         name, _, which = step.partition("=")
         if name == "evaluate":
             emit(run_child(args, "evaluate", "-", args.work / "evaluate", log))
+        elif name == "sparsegpt-layer":
+            emit(run_child(args, "layer", "sparsegpt-2:4", args.work / "layer", log))
         elif name == "s3":
             emit(s3_transfer(args, log))
         elif name == "kill-resume":
