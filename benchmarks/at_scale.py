@@ -278,13 +278,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+NOT_RUN = "not run: --stop-after reached"
+
+
+def child_command(args: argparse.Namespace, path: str, scheme: str, out: Path) -> list[str]:
+    return [sys.executable, __file__, "--child", path, "--model", str(args.work / "base"), "--out", str(out), "--schemes", scheme,
+            "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+
+
+def seconds_left(args: argparse.Namespace) -> float:
+    """Until --stop-after; a step with 5 s or less left is not started."""
+    return args.deadline - time.time()
+
+
 def run_child(args: argparse.Namespace, path: str, scheme: str, out: Path, log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     start = time.time()
-    command = [sys.executable, __file__, "--child", path, "--model", str(args.work / "base"), "--out", str(out), "--schemes", scheme,
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
-    left = args.deadline - start
+    command = child_command(args, path, scheme, out)
+    left = seconds_left(args)
     if left <= 5:
-        return {"path": path, "scheme": scheme, "error": "not run: --stop-after reached"}
+        return {"path": path, "scheme": scheme, "error": NOT_RUN}
     with log.open("a") as sink:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True, env=env)
         try:
@@ -326,9 +338,9 @@ def s3_transfer(args: argparse.Namespace, log: Path) -> dict[str, Any]:
     figures = args.work / "s3.json"
     command = [sys.executable, str(Path(__file__).with_name("artifacts_bench.py")), "--artifact", str(args.work / "base"),
                "--workdir", str(args.work), "--json", str(figures)]
-    left = args.deadline - time.time()
+    left = seconds_left(args)
     if left <= 5:
-        return {"path": "s3", "error": "not run: --stop-after reached"}
+        return {"path": "s3", "error": NOT_RUN}
     with log.open("a") as sink:
         try:
             done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, timeout=left if math.isfinite(left) else None)
@@ -344,15 +356,14 @@ def kill_resume(args: argparse.Namespace, scheme: str, log: Path) -> dict[str, A
     """Kill the stage once its calibrated model is persisted; rerun; the rerun must resume."""
     env = {**os.environ, "LLMPRESS_CACHE": str(args.work / "kill-cache")}
     resume_root = args.work / "kill-cache" / "resume"
-    command = [sys.executable, __file__, "--child", "llmpress", "--model", str(args.work / "base"), "--out", str(args.work / f"{scheme}-killed"),
-               "--schemes", scheme, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    command = child_command(args, "llmpress", scheme, args.work / f"{scheme}-killed")
     start = time.time()
-    if args.deadline - start <= 5:
-        return {"path": "kill+resume", "scheme": scheme, "error": "not run: --stop-after reached"}
+    if seconds_left(args) <= 5:
+        return {"path": "kill+resume", "scheme": scheme, "error": NOT_RUN}
     with log.open("a") as sink:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, env=env)
         while proc.poll() is None and not list(resume_root.glob("quantize-*/llmpress-calibrated.json")):
-            if time.time() > args.deadline:  # the first run obeys --stop-after too (call 10 ran into the call's limit)
+            if seconds_left(args) < 0:  # the first run obeys --stop-after too (call 10 ran into the call's limit)
                 proc.kill()
                 proc.wait()
                 return {"path": "kill+resume", "scheme": scheme, "error": f"killed after {time.time() - start:.0f} s before it persisted: --stop-after reached"}
