@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.models import measure
 from llmpress.components.stages import prune
 from llmpress.components.stages.prune import PruneConfig
 from llmpress.components.stages.prune import latency as prune_latency
@@ -93,34 +94,34 @@ def test_cuda_without_a_gpu_is_one_user_error_before_anything_is_loaded(tiny_mod
 # --- whether the latency is measured ---------------------------------------------------------
 
 def test_an_8b_model_fits_an_empty_h200_for_its_latency():
-    assert prune_latency.fits_on_device(16_060_522_496, 139 * GIB)
+    assert measure.fits_on_device(16_060_522_496, 139 * GIB)
 
 
 def test_a_70b_model_fits_an_empty_h200_but_not_one_that_holds_another_8b():
     weights = 141_107_412_992  # Llama-3-70B in bf16: 131.4 GiB; with headroom 135.0 GiB
-    assert prune_latency.fits_on_device(weights, 139 * GIB)
-    assert not prune_latency.fits_on_device(weights, (139 - 15) * GIB)
+    assert measure.fits_on_device(weights, 139 * GIB)
+    assert not measure.fits_on_device(weights, (139 - 15) * GIB)
 
 
 def test_headroom_is_a_gibibyte_and_two_percent_of_the_weights():
     weights = 50 * GIB
-    assert prune_latency.fits_on_device(weights, weights + GIB + GIB)
-    assert not prune_latency.fits_on_device(weights, weights + GIB + GIB - 1)
+    assert measure.fits_on_device(weights, weights + GIB + GIB)
+    assert not measure.fits_on_device(weights, weights + GIB + GIB - 1)
 
 
 def test_the_cpu_sets_no_limit():
-    assert prune_latency.free_bytes("cpu") is None
-    assert prune_latency.skip_reason(10**15, None, "cpu") is None
+    assert measure.free_bytes("cpu") is None
+    assert measure.unfit_reason(10**15, None, "cpu") is None
 
 
-def test_a_skip_reason_names_the_sizes_and_the_device():
-    reason = prune_latency.skip_reason(141_107_412_992, 80 * GIB, "cuda")
+def test_an_unfit_reason_names_the_sizes_and_the_device():
+    reason = measure.unfit_reason(141_107_412_992, 80 * GIB, "cuda")
     assert reason == "the model's 131.4 GiB of weights and 3.6 GiB of headroom for a forward pass exceed the 80.0 GiB free on cuda"
 
 
 def test_a_model_too_large_for_the_device_is_pruned_and_checked_without_latency(tiny_model_dir, texts, tmp_path, monkeypatch, caplog):
     # a device with 1 MiB free: the tiny model's 1 MB of weights and the headroom do not fit
-    monkeypatch.setattr(prune_latency, "free_bytes", lambda device: 2**20)
+    monkeypatch.setattr(prune, "free_bytes", lambda device: 2**20)
     with caplog.at_level(logging.INFO, logger="llmpress"):
         metrics = prune.run(tiny_model_dir, tmp_path / "out", PruneConfig(method="magnitude"), CALIBRATION, texts)
     assert not any(key in metrics for key in LATENCY_KEYS)

@@ -1,4 +1,5 @@
-"""Measurements every stage shares: peak memory and the reload self-check."""
+"""Measurements every stage shares: peak memory, whether a model fits a device whole,
+and the reload self-check."""
 
 from __future__ import annotations
 
@@ -8,6 +9,46 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Room a model needs on the device besides its weights. The forwards run whole here (the
+# prune stage's 128-token latency, the self-check's short generate) hold tens of MB of
+# activations even at a 128k vocabulary (logits 128 x 128,256 x 2 bytes = 33 MB); the rest
+# is for CUDA's workspaces and the caching allocator, which rounds each of a model's
+# hundreds of tensors up to its blocks.
+HEADROOM_BYTES = 2**30
+HEADROOM_FRACTION = 0.02
+
+
+def headroom_bytes(weights_bytes: int) -> int:
+    """Device memory a model of ``weights_bytes`` needs besides its weights to run a forward."""
+    return HEADROOM_BYTES + int(HEADROOM_FRACTION * weights_bytes)
+
+
+def fits_on_device(weights_bytes: int, available: int) -> bool:
+    """Whether a model of ``weights_bytes`` can be placed where ``available`` bytes are
+    free and still run a forward pass."""
+    return weights_bytes + headroom_bytes(weights_bytes) <= available
+
+
+def unfit_reason(weights_bytes: int, available: int | None, device: str) -> str | None:
+    """Why a model of ``weights_bytes`` cannot run whole on ``device``, where ``available``
+    bytes are free (None: it can). ``available`` None means no limit to check: on the CPU
+    the stage held the model already."""
+    if available is None or fits_on_device(weights_bytes, available):
+        return None
+    return (f"the model's {weights_bytes / 2**30:.1f} GiB of weights and {headroom_bytes(weights_bytes) / 2**30:.1f} GiB of headroom "
+            f"for a forward pass exceed the {available / 2**30:.1f} GiB free on {device}")
+
+
+def free_bytes(device: str) -> int | None:
+    """Bytes this process could still place on ``device``: the device's free memory and
+    the blocks its own allocator holds unused. None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @contextlib.contextmanager

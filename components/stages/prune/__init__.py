@@ -35,7 +35,7 @@ from llmpress.components.errors import UserError
 from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, free_memory, load_model, pick_device, save_model, weights_size_bytes
-from llmpress.components.models.measure import check_generates, peak_memory
+from llmpress.components.models.measure import check_generates, free_bytes, peak_memory, unfit_reason
 from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights, zero_count
 from llmpress.components.stages.prune import latency as prune_latency
 from llmpress.components.stages.prune import structured as prune_structured
@@ -173,7 +173,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
         free_memory(device)
     measured = time.time()
     size_before = weights_size_bytes(model_dir)  # the larger of the two: the output is as large or smaller
-    skipped = prune_latency.skip_reason(size_before, prune_latency.free_bytes(device), device)
+    skipped = unfit_reason(size_before, free_bytes(device), device)
     if skipped:
         log.warning("prune: forward latency not measured: %s; the output's self-check runs on the CPU", skipped)
     # the input again, on the device for its latency only (it was never there whole while pruning)
