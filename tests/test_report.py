@@ -73,6 +73,17 @@ def test_a_stage_whose_latency_was_skipped_says_why_under_its_heading(results):
     assert "latency not measured" not in text.replace(section, "")
 
 
+def test_a_stage_checked_on_the_cpu_says_why_under_its_heading(results):
+    from llmpress.components import report
+
+    reason = "the model's 131.4 GiB of weights and 3.6 GiB of headroom for a forward pass exceed the 78.2 GiB free on cuda"
+    results["stages"][1]["metrics"]["self_check_on_cpu"] = reason
+    text = report.markdown(results)
+    section = text[text.index("## gptq (quantize)"):]
+    assert f"self-check on the CPU: {reason}" in section
+    assert "self-check on the CPU" not in text.replace(section, "")
+
+
 def test_write_report_makes_markdown_html_and_a_valid_png(results, tmp_path):
     import matplotlib.image
     from llmpress.components import report

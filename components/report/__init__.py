@@ -129,6 +129,8 @@ def caption(metrics: dict[str, Any]) -> str:
         parts.append("speed keys name their shapes: b = batch, in = prompt tokens, out = generated tokens")
     if "latency_skipped" in metrics:  # a prune stage whose model did not fit its device
         parts.append(f"forward latency not measured: {metrics['latency_skipped']}")
+    if "self_check_on_cpu" in metrics:  # a quantize stage whose 16-bit reload did not fit its device
+        parts.append(f"self-check on the CPU: {metrics['self_check_on_cpu']}")
     return "; ".join(parts)
 
 

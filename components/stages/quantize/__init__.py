@@ -25,7 +25,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
-from llmpress.components.models.measure import peak_memory, self_check
+from llmpress.components.models.measure import free_bytes, peak_memory, self_check, unfit_reason
 from llmpress.components.models.quant_grid import GroupSizeOrAuto, quantized_widths, resolve_group_size
 from llmpress.components.models.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
 from llmpress.components.stages.quantize import bnb as quantize_bnb
@@ -133,7 +133,10 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
             extra = _run_llmcompressor(model_dir, out_dir, config, calibration, texts, device, resumable)
     quantize_s = time.time() - start
     check_start = time.time()
-    sample = self_check(out_dir, device)
+    unfit = self_check_unfit(model_dir, config.scheme, device)
+    if unfit:
+        log.warning("quantize: the output's self-check runs on the CPU: its reload is 16-bit and does not fit %s: %s", device, unfit)
+    sample = self_check(out_dir, "cpu" if unfit else device)
     log.info("quantize: reloaded with plain transformers and generated %r", sample[-60:])
     if resumable is not None:
         resume.discard(resumable)
@@ -148,11 +151,25 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
         "bits_per_parameter": 8 * size / extra["num_parameters"],
         **extra,
         **floor_metrics,
+        **({"self_check_on_cpu": unfit} if unfit else {}),
         "quantize_time_s": quantize_s,
         "self_check_time_s": time.time() - check_start,
         "wall_time_s": time.time() - start,
         "peak_memory_bytes": peak["bytes"],
     }
+
+
+def self_check_unfit(model_dir: str | Path, scheme: str, device: str) -> str | None:
+    """Why the self-check cannot reload the output whole on ``device`` (None: it can).
+
+    transformers decompresses an llm-compressor checkpoint to 16 bits when it loads it, so
+    the reload is the input's size, not the output's (8B: 15.5 GiB of GPU for a 5.7 GB
+    W4A16 output); a 70B one does not fit an 80 GB GPU, and a reload that ran out of memory
+    there would fail every rerun too (a resume skips only the calibration). bitsandbytes
+    outputs reload quantized, as they were just built on the device."""
+    if scheme in BNB_SCHEMES:
+        return None
+    return unfit_reason(weights_size_bytes(model_dir), free_bytes(device), device)
 
 
 def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str],

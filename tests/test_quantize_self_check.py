@@ -1,0 +1,56 @@
+"""Where the quantize stage reloads its output for the self-check: on its device when the
+16-bit reload fits there (transformers decompresses llm-compressor checkpoints when it
+loads them), else on the CPU, said in the log, the metrics and the report."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.models import measure
+from llmpress.components.models.io import weights_size_bytes
+from llmpress.components.stages import quantize
+
+CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
+
+
+def test_the_reload_is_sized_by_the_16bit_input_not_the_compressed_output(tiny_model_dir, monkeypatch):
+    weights = weights_size_bytes(tiny_model_dir)  # the input; a W4A16 output is about a third of it
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: weights + measure.headroom_bytes(weights))
+    assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda") is None
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: weights + measure.headroom_bytes(weights) - 1)
+    assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda").endswith("GiB free on cuda")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_bitsandbytes_outputs_reload_on_the_device_they_were_built_on(scheme, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: 0)
+    assert quantize.self_check_unfit(tiny_model_dir, scheme, "cuda") is None
+
+
+def test_an_output_whose_reload_does_not_fit_is_checked_on_the_cpu_and_says_why(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: 2**20)  # a device with 1 MiB free
+    with caplog.at_level(logging.INFO, logger="llmpress"):
+        metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="fp8"), CALIBRATION, [])
+    reason = metrics["self_check_on_cpu"]
+    assert reason == "the model's 0.0 GiB of weights and 1.0 GiB of headroom for a forward pass exceed the 0.0 GiB free on cpu"
+    assert [r.getMessage() for r in caplog.records if "self-check runs on the CPU" in r.getMessage()] == [
+        f"quantize: the output's self-check runs on the CPU: its reload is 16-bit and does not fit cpu: {reason}"]
+    assert any("reloaded with plain transformers and generated" in r.getMessage() for r in caplog.records)
+
+
+def test_an_output_whose_reload_fits_reports_nothing_about_it(tiny_model_dir, tmp_path):
+    metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="fp8"), CALIBRATION, [])
+    assert "self_check_on_cpu" not in metrics and metrics["self_check_time_s"] > 0
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_too_small_for_the_reload_the_check_runs_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    devices: list[str] = []
+    real_check = quantize.self_check
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: 2**20)
+    monkeypatch.setattr(quantize, "self_check", lambda out, device: devices.append(device) or real_check(out, device))
+    metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="gptq-w4a16", device="cuda"), CALIBRATION,
+                           load_texts(CALIBRATION))
+    assert devices == ["cpu"] and metrics["self_check_on_cpu"].endswith("GiB free on cuda")
