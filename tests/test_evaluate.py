@@ -184,6 +184,22 @@ def test_latency_longer_than_the_context_is_a_user_error(tiny_model_dir):
     assert line.startswith("stages.check.latency.prompt_tokens: 100000 — prompt_tokens + new_tokens must fit the model's context of ")
 
 
+def test_a_model_larger_than_the_device_s_free_memory_is_one_line_before_it_loads(tiny_model_dir, monkeypatch):
+    from llmpress.components.data import DataSpec, load_texts
+    from llmpress.components.errors import UserError
+    from llmpress.components.stages import evaluate
+    from llmpress.components.stages.evaluate import EvaluateConfig, run
+
+    monkeypatch.setattr(evaluate, "free_bytes", lambda device: 2**20)  # a device with 1 MiB free
+    monkeypatch.setattr(evaluate, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    data = DataSpec(source="builtin:pydoc-eval", num_samples=1, seq_len=16)
+    with pytest.raises(UserError) as err:
+        run(tiny_model_dir, EvaluateConfig(sample_tokens=0), data, load_texts(data), field="stages.check")
+    assert err.value.problems == [
+        "stages.check.device: 'auto' — the model's 0.0 GiB of weights and 1.0 GiB of headroom for a forward pass exceed the 0.0 GiB free "
+        "on cpu; give the step a GPU with more memory (resources), or device: cpu"]
+
+
 # --- ratios only against a baseline measured the same way ------------------------------------
 
 def evaluation_step(model_dir, evals, target, data=None):

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from llmpress.components.data import DataSpec, token_stream
 from llmpress.components.errors import UserError
 from llmpress.components.models.io import count_parameters, load_model, pick_device, weights_size_bytes
-from llmpress.components.models.measure import peak_memory
+from llmpress.components.models.measure import free_bytes, peak_memory, unfit_reason
 from llmpress.components.stages.evaluate import speed as evaluate_speed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -86,10 +86,15 @@ def run(
     if stride > data.seq_len:
         raise UserError.field(f"{field}.stride", stride, f"at most data.evaluation.seq_len ({data.seq_len})")
     device = pick_device(config.device)
+    size = weights_size_bytes(model_dir)
+    # before the load (at 70B minutes of it): the weights on disk are the least the model
+    # needs on the device (a compressed checkpoint loads larger, decompressed)
+    unfit = unfit_reason(size, free_bytes(device), device)
+    if unfit:
+        raise UserError.field(f"{field}.device", config.device, f"{unfit}; give the step a GPU with more memory (resources), or device: cpu")
     start = time.time()
     dtype = compute_dtype(device)
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
-    size = weights_size_bytes(model_dir)
     num_parameters = count_parameters(model)
     metrics: dict[str, Any] = {
         "eval_device": device_label(device),
