@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmpress.components.data import DataSpec, calibration_samples
+from llmpress.components.errors import UserError
 from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
 from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
@@ -121,6 +122,11 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     reuses the calibrated model. ``resume_key`` names it (the step's content-addressed
     key); by default it is derived from the input's files, the settings and the text."""
     device = pick_device(config.device)
+    if config.auto_ignore:  # its sensitivity pass runs the whole 16-bit model on the device: fail before loading it
+        unfit = unfit_reason(weights_size_bytes(model_dir), free_bytes(device), device)
+        if unfit:
+            raise UserError.field("auto_ignore", config.auto_ignore.model_dump(), f"its sensitivity pass needs the whole 16-bit model on {device}: {unfit}; "
+                                  "drop auto_ignore (name the layers in ignore) or give the step more GPU memory")
     start = time.time()
     log.info("quantize: scheme %s on %s", config.scheme, device)
     resumable = None

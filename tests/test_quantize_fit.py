@@ -1,6 +1,8 @@
-"""Where the quantize stage reloads its output for the self-check: on its device when the
-16-bit reload fits there (transformers decompresses llm-compressor checkpoints when it
-loads them), else on the CPU, said in the log, the metrics and the report."""
+"""Where the quantize stage needs the whole 16-bit model on its device. The self-check's
+reload (transformers decompresses llm-compressor checkpoints when it loads them) runs
+there when it fits, else on the CPU, said in the log, the metrics and the report.
+auto_ignore's sensitivity pass has no such way out: a model that cannot fit is one line
+before anything loads."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 
 import pytest
 from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.errors import UserError
 from llmpress.components.models import measure
 from llmpress.components.models.io import weights_size_bytes
 from llmpress.components.stages import quantize
@@ -54,3 +57,15 @@ def test_on_a_gpu_too_small_for_the_reload_the_check_runs_on_the_cpu(tiny_model_
     metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="gptq-w4a16", device="cuda"), CALIBRATION,
                            load_texts(CALIBRATION))
     assert devices == ["cpu"] and metrics["self_check_on_cpu"].endswith("GiB free on cuda")
+
+
+def test_auto_ignore_on_a_device_too_small_for_the_model_is_one_line_before_it_loads(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "free_bytes", lambda device: 2**20)
+    monkeypatch.setattr(quantize, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    config = quantize.QuantizeConfig(scheme="nf4", device="cpu", auto_ignore={"budget": 6.0})
+    with pytest.raises(UserError) as err:
+        quantize.run(tiny_model_dir, tmp_path, config, CALIBRATION, load_texts(CALIBRATION))
+    assert err.value.problems == [
+        "auto_ignore: {'budget': 6.0, 'samples': 8} — its sensitivity pass needs the whole 16-bit model on cpu: the model's 0.0 GiB of "
+        "weights and 1.0 GiB of headroom for a forward pass exceed the 0.0 GiB free on cpu; drop auto_ignore (name the layers in ignore) "
+        "or give the step more GPU memory"]
