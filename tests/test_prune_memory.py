@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 from llmpress.components.data import DataSpec, load_texts
+from llmpress.components.errors import UserError
 from llmpress.components.models import measure
 from llmpress.components.stages import prune
 from llmpress.components.stages.prune import PruneConfig
@@ -81,8 +82,6 @@ def test_input_is_reloaded_for_its_latency_only_after_the_output_is_saved_and_th
 
 
 def test_cuda_without_a_gpu_is_one_user_error_before_anything_is_loaded(tiny_model_dir, texts, tmp_path, monkeypatch):
-    from llmpress.components.errors import UserError
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     monkeypatch.setattr(prune, "load_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
@@ -129,6 +128,17 @@ def test_a_model_too_large_for_the_device_is_pruned_and_checked_without_latency(
     assert [r.getMessage() for r in caplog.records if "latency not measured" in r.getMessage()] == [
         f"prune: forward latency not measured: {metrics['latency_skipped']}; the output's self-check runs on the CPU"]
     assert metrics["decoder_sparsity"] == pytest.approx(0.5, abs=0.01) and metrics["nonzero_parameters"] < metrics["num_parameters"]
+
+
+def test_structured_on_a_device_too_small_for_the_model_is_one_line_before_it_loads(tiny_model_dir, texts, tmp_path, monkeypatch):
+    monkeypatch.setattr(prune, "free_bytes", lambda device: 2**20)  # a device with 1 MiB free
+    monkeypatch.setattr(prune, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    with pytest.raises(UserError) as err:
+        prune.run(tiny_model_dir, tmp_path / "out", PruneConfig(method="structured", ffn_sparsity=0.25), CALIBRATION, texts)
+    assert err.value.problems == [
+        "method: 'structured' — structured pruning runs the whole model on cpu: the model's 0.0 GiB of weights and 1.0 GiB of headroom "
+        "for a forward pass exceed the 0.0 GiB free on cpu; give the step more GPU memory, or use sparsegpt, wanda or magnitude "
+        "(they keep the model on the CPU)"]
 
 
 # --- on a GPU ----------------------------------------------------------------------------------

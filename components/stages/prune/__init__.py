@@ -148,6 +148,12 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
     (otherwise ``latency_skipped`` says why, and the self-check runs on the CPU)."""
     device = pick_device(config.device)
     home = weights_home(config.method, device)
+    # structured runs whole forwards on the device: a model that cannot fit there is one
+    # line before the load, not an out-of-memory error after it
+    unfit = unfit_reason(weights_size_bytes(model_dir), free_bytes(home), home) if config.method == "structured" else None
+    if unfit:
+        raise UserError.field("method", config.method, f"structured pruning runs the whole model on {home}: {unfit}; give the step more GPU "
+                              "memory, or use sparsegpt, wanda or magnitude (they keep the model on the CPU)")
     start = time.time()
     model, tokenizer = load_model(model_dir, dtype="auto", device=home)
     load_s = time.time() - start
