@@ -12,7 +12,7 @@ import pytest
 from llmpress.components.data import DataSpec, load_texts
 from llmpress.components.errors import UserError
 from llmpress.components.models import measure
-from llmpress.components.models.io import weights_size_bytes
+from llmpress.components.models.io import loaded_bytes, weights_size_bytes
 from llmpress.components.stages import quantize
 
 CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
@@ -24,6 +24,17 @@ def test_the_reload_is_sized_by_the_16bit_input_not_the_compressed_output(tiny_m
     assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda") is None
     monkeypatch.setattr(quantize, "free_bytes", lambda device: weights + measure.headroom_bytes(weights) - 1)
     assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda").endswith("GiB free on cuda")
+
+
+@pytest.mark.parametrize("scheme", ["rtn-w4a16", "fp8"])
+def test_a_compressed_output_loads_as_its_dense_16bit_matrices(scheme, tiny_model_dir, tmp_path):
+    metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme=scheme), CALIBRATION, [])
+    assert weights_size_bytes(tmp_path / "out") < 0.7 * weights_size_bytes(tiny_model_dir)
+    assert loaded_bytes(tmp_path / "out") == 2 * metrics["num_parameters"]  # every parameter of the bf16 model, packed ones unpacked
+
+
+def test_an_uncompressed_checkpoint_loads_as_stored(tiny_model_dir):
+    assert loaded_bytes(tiny_model_dir) == weights_size_bytes(tiny_model_dir)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +43,33 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 def weights_size_bytes(model_dir: str | Path) -> int:
     """Bytes of the weight files: what a model costs on disk, tokenizer excluded."""
     return sum(p.stat().st_size for p in weight_files(model_dir))
+
+
+def loaded_bytes(model_dir: str | Path) -> int:
+    """Bytes the weights take once transformers has loaded them (in the checkpoint's dtype).
+    A compressed-tensors checkpoint (llm-compressor's output) is decompressed when it
+    loads: its dense matrices in the model's 16-bit dtype, 3.5 times a W4A16 file's
+    size; any other loads as stored (bitsandbytes' stays quantized)."""
+    from safetensors import safe_open
+
+    path = Path(model_dir)
+    config = json.loads((path / "config.json").read_text())
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        return weights_size_bytes(path)
+    itemsize = 4 if str(config.get("dtype") or config.get("torch_dtype")) == "float32" else 2
+    dense = 0
+    for file in weight_files(path):
+        with safe_open(file, "pt") as tensors:
+            names = set(tensors.keys())
+            for name in names:
+                shape_name = name.removesuffix("_packed") + "_shape"
+                # the packed matrix's (rows, columns); read only if it is that small (files are hostile)
+                if name.endswith("weight_packed") and shape_name in names and tensors.get_slice(shape_name).get_shape() == [2]:
+                    dense += math.prod(int(n) for n in tensors.get_tensor(shape_name).tolist())
+                elif not name.endswith(_OVERHEAD_SUFFIXES):
+                    dense += math.prod(tensors.get_slice(name).get_shape())
+    return dense * itemsize
 
 
 def check_model_dir(model_dir: str | Path, field: str = "model.source") -> Path:

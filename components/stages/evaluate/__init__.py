@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from llmpress.components.data import DataSpec, token_stream
 from llmpress.components.errors import UserError
-from llmpress.components.models.io import count_parameters, load_model, pick_device, weights_size_bytes
+from llmpress.components.models.io import count_parameters, load_model, loaded_bytes, pick_device, weights_size_bytes
 from llmpress.components.models.measure import free_bytes, peak_memory, unfit_reason
 from llmpress.components.stages.evaluate import speed as evaluate_speed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -87,9 +87,10 @@ def run(
         raise UserError.field(f"{field}.stride", stride, f"at most data.evaluation.seq_len ({data.seq_len})")
     device = pick_device(config.device)
     size = weights_size_bytes(model_dir)
-    # before the load (at 70B minutes of it): the weights on disk are the least the model
-    # needs on the device (a compressed checkpoint loads larger, decompressed)
-    unfit = unfit_reason(size, free_bytes(device), device)
+    # before the load (at 70B minutes of it); a compressed checkpoint is decompressed when
+    # it loads, so it needs the dense model's bytes, not its files'
+    available = free_bytes(device)
+    unfit = unfit_reason(loaded_bytes(model_dir), available, device) if available is not None else None
     if unfit:
         raise UserError.field(f"{field}.device", config.device, f"{unfit}; give the step a GPU with more memory (resources), or device: cpu")
     start = time.time()
