@@ -18,12 +18,14 @@ from llmpress.components.stages import quantize
 CALIBRATION = DataSpec(source="builtin:pydoc-train", num_samples=8, seq_len=64)
 
 
-def test_the_reload_is_sized_by_the_16bit_input_not_the_compressed_output(tiny_model_dir, monkeypatch):
-    weights = weights_size_bytes(tiny_model_dir)  # the input; a W4A16 output is about a third of it
+def test_the_reload_is_sized_by_its_16bit_matrices_not_the_compressed_files(tiny_model_dir, tmp_path, monkeypatch):
+    metrics = quantize.run(tiny_model_dir, tmp_path / "out", quantize.QuantizeConfig(scheme="rtn-w4a16"), CALIBRATION, [])
+    weights = 2 * metrics["num_parameters"]  # about three times the W4A16 files
+    assert weights_size_bytes(tmp_path / "out") < weights / 2
     monkeypatch.setattr(quantize, "free_bytes", lambda device: weights + measure.headroom_bytes(weights))
-    assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda") is None
+    assert quantize.self_check_unfit(tmp_path / "out", "rtn-w4a16", "cuda") is None
     monkeypatch.setattr(quantize, "free_bytes", lambda device: weights + measure.headroom_bytes(weights) - 1)
-    assert quantize.self_check_unfit(tiny_model_dir, "gptq-w4a16", "cuda").endswith("GiB free on cuda")
+    assert quantize.self_check_unfit(tmp_path / "out", "rtn-w4a16", "cuda").endswith("GiB free on cuda")
 
 
 @pytest.mark.parametrize("scheme", ["rtn-w4a16", "fp8"])

@@ -34,7 +34,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
-from llmpress.components.models.io import count_parameters, free_memory, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.io import count_parameters, free_memory, load_model, loaded_bytes, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import check_generates, free_bytes, peak_memory, unfit_reason
 from llmpress.components.models.sparsity import decoder_layers, layer_report, linear_weights, zero_count
 from llmpress.components.stages.prune import latency as prune_latency
@@ -150,7 +150,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: PruneConfig, calibra
     home = weights_home(config.method, device)
     # structured runs whole forwards on the device: a model that cannot fit there is one
     # line before the load, not an out-of-memory error after it
-    unfit = unfit_reason(weights_size_bytes(model_dir), free_bytes(home), home) if config.method == "structured" else None
+    unfit = unfit_reason(loaded_bytes(model_dir), free_bytes(home), home) if config.method == "structured" else None
     if unfit:
         raise UserError.field("method", config.method, f"structured pruning runs the whole model on {home}: {unfit}; give the step more GPU "
                               "memory, or use sparsegpt, wanda or magnitude (they keep the model on the CPU)")

@@ -25,7 +25,7 @@ from llmpress.components.data import DataSpec, calibration_samples
 from llmpress.components.errors import UserError
 from llmpress.components.models.calibrated import calibrate
 from llmpress.components.models.calibrated import release as release_calibrated
-from llmpress.components.models.io import count_parameters, load_model, pick_device, save_model, weights_size_bytes
+from llmpress.components.models.io import count_parameters, load_model, loaded_bytes, pick_device, save_model, weights_size_bytes
 from llmpress.components.models.measure import free_bytes, peak_memory, self_check, unfit_reason
 from llmpress.components.models.quant_grid import GroupSizeOrAuto, quantized_widths, resolve_group_size
 from llmpress.components.models.sparsity import SPARSE_THRESHOLD, keep_zeros, linear_weights
@@ -123,7 +123,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     key); by default it is derived from the input's files, the settings and the text."""
     device = pick_device(config.device)
     if config.auto_ignore:  # its sensitivity pass runs the whole 16-bit model on the device: fail before loading it
-        unfit = unfit_reason(weights_size_bytes(model_dir), free_bytes(device), device)
+        unfit = unfit_reason(loaded_bytes(model_dir), free_bytes(device), device)
         if unfit:
             raise UserError.field("auto_ignore", config.auto_ignore.model_dump(), f"its sensitivity pass needs the whole 16-bit model on {device}: {unfit}; "
                                   "drop auto_ignore (name the layers in ignore) or give the step more GPU memory")
@@ -139,7 +139,7 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
             extra = _run_llmcompressor(model_dir, out_dir, config, calibration, texts, device, resumable)
     quantize_s = time.time() - start
     check_start = time.time()
-    unfit = self_check_unfit(model_dir, config.scheme, device)
+    unfit = self_check_unfit(out_dir, config.scheme, device)
     if unfit:
         log.warning("quantize: the output's self-check runs on the CPU: its reload is 16-bit and does not fit %s: %s", device, unfit)
     sample = self_check(out_dir, "cpu" if unfit else device)
@@ -165,17 +165,17 @@ def run(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, cali
     }
 
 
-def self_check_unfit(model_dir: str | Path, scheme: str, device: str) -> str | None:
-    """Why the self-check cannot reload the output whole on ``device`` (None: it can).
+def self_check_unfit(out_dir: str | Path, scheme: str, device: str) -> str | None:
+    """Why the self-check cannot reload the output at ``out_dir`` whole on ``device`` (None: it can).
 
-    transformers decompresses an llm-compressor checkpoint to 16 bits when it loads it, so
-    the reload is the input's size, not the output's (8B: 15.5 GiB of GPU for a 5.7 GB
-    W4A16 output); a 70B one does not fit an 80 GB GPU, and a reload that ran out of memory
-    there would fail every rerun too (a resume skips only the calibration). bitsandbytes
-    outputs reload quantized, as they were just built on the device."""
+    transformers decompresses an llm-compressor checkpoint to 16 bits when it loads it
+    (``loaded_bytes``: 8B took 15.5 GiB of GPU for a 5.7 GB W4A16 output); a 70B one does
+    not fit an 80 GB GPU, and a reload that ran out of memory there would fail every rerun
+    too (a resume skips only the calibration). bitsandbytes outputs reload quantized, as
+    they were just built on the device."""
     if scheme in BNB_SCHEMES:
         return None
-    return unfit_reason(weights_size_bytes(model_dir), free_bytes(device), device)
+    return unfit_reason(loaded_bytes(out_dir), free_bytes(device), device)
 
 
 def _run_llmcompressor(model_dir: str | Path, out_dir: str | Path, config: QuantizeConfig, calibration: DataSpec, texts: list[str],
