@@ -82,3 +82,70 @@ def test_auto_ignore_on_a_device_too_small_for_the_model_is_one_line_before_it_l
         "auto_ignore: {'budget': 6.0, 'samples': 8} — its sensitivity pass needs the whole 16-bit model on cpu: the model's 0.0 GiB of "
         "weights and 1.0 GiB of headroom for a forward pass exceed the 0.0 GiB free on cpu; drop auto_ignore (name the layers in ignore) "
         "or give the step more GPU memory"]
+
+
+# --- hostile checkpoints: loaded_bytes reads config.json and safetensors headers ---------------
+
+COMPRESSED = {"quantization_config": {"quant_method": "compressed-tensors"}, "dtype": "bfloat16"}
+
+
+def checkpoint(folder, config, tensors=None, raw: bytes | None = None):
+    """A model folder with ``config`` (a dict, or raw text) and one weight file."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if raw is not None:
+        (folder / "model.safetensors").write_bytes(raw)
+    else:
+        save_file(tensors or {"w": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_a_packed_matrix_counts_as_the_shape_it_declares(tmp_path):
+    import torch
+
+    folder = checkpoint(tmp_path / "m", COMPRESSED, {"a.weight_packed": torch.zeros(4, 2, dtype=torch.int32),
+                                                     "a.weight_shape": torch.tensor([4, 16]), "a.weight_scale": torch.zeros(4, 1)})
+    assert loaded_bytes(folder) == 4 * 16 * 2
+
+
+def test_a_declared_shape_that_is_not_two_numbers_is_never_read(tmp_path):
+    import torch
+
+    # had its 100,000 zeros been read as the shape, the matrix would count 0 elements
+    folder = checkpoint(tmp_path / "m", COMPRESSED, {"a.weight_packed": torch.zeros(4, 2, dtype=torch.int32),
+                                                     "a.weight_shape": torch.zeros(100_000, dtype=torch.int64)})
+    assert loaded_bytes(folder) == 4 * 2 * 2  # the packed tensor counted as stored
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ("{not json", "config.json is not valid JSON"),
+    ("[1, 2]", "config.json holds a JSON list, not an object"),
+    ('"a string"', "config.json holds a JSON str, not an object"),
+    (b"\xff\xfe{".decode("latin-1"), "config.json is not valid JSON"),
+])
+def test_a_config_that_is_not_a_json_object_is_one_line(config, problem, tmp_path):
+    folder = checkpoint(tmp_path / "m", config)
+    with pytest.raises(UserError) as err:
+        loaded_bytes(folder, field="stages[0]")
+    assert err.value.problems == [f"stages[0]: {str(folder)!r} — {problem}"]
+
+
+def test_a_config_far_larger_than_any_model_s_is_refused_unread(tmp_path):
+    folder = checkpoint(tmp_path / "m", "{}")
+    (folder / "config.json").write_bytes(b" " * (4 * 2**20 + 1))
+    with pytest.raises(UserError) as err:
+        loaded_bytes(folder)
+    assert err.value.problems[0].endswith(f"config.json is {4 * 2**20 + 1} bytes; at most {4 * 2**20} are read (a model's is a few KB)")
+
+
+def test_a_weight_file_that_is_not_safetensors_is_one_line(tmp_path):
+    folder = checkpoint(tmp_path / "m", COMPRESSED, raw=b"\xff" * 64)
+    with pytest.raises(UserError) as err:
+        loaded_bytes(folder)
+    (line,) = err.value.problems
+    assert "model.safetensors is not a readable safetensors file" in line

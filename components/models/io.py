@@ -45,30 +45,53 @@ def weights_size_bytes(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in weight_files(model_dir))
 
 
-def loaded_bytes(model_dir: str | Path) -> int:
+# A model's config.json is a few KB; anything far larger is not one (files are hostile).
+CONFIG_LIMIT_BYTES = 4 * 2**20
+
+
+def read_config(model_dir: str | Path, field: str = "model.source") -> dict[str, Any]:
+    """The model's config.json as a dict; one UserError if it is too large, not JSON, or
+    not an object."""
+    path = Path(model_dir) / "config.json"
+    size = path.stat().st_size
+    if size > CONFIG_LIMIT_BYTES:
+        raise UserError.field(field, str(model_dir), f"config.json is {size} bytes; at most {CONFIG_LIMIT_BYTES} are read (a model's is a few KB)")
+    try:
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UserError.field(field, str(model_dir), "config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UserError.field(field, str(model_dir), f"config.json holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def loaded_bytes(model_dir: str | Path, field: str = "model.source") -> int:
     """Bytes the weights take once transformers has loaded them (in the checkpoint's dtype).
     A compressed-tensors checkpoint (llm-compressor's output) is decompressed when it
     loads: its dense matrices in the model's 16-bit dtype, 3.5 times a W4A16 file's
     size; any other loads as stored (bitsandbytes' stays quantized)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    path = Path(model_dir)
-    config = json.loads((path / "config.json").read_text())
+    path = check_model_dir(model_dir, field)
+    config = read_config(path, field)
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
         return weights_size_bytes(path)
     itemsize = 4 if str(config.get("dtype") or config.get("torch_dtype")) == "float32" else 2
     dense = 0
     for file in weight_files(path):
-        with safe_open(file, "pt") as tensors:
-            names = set(tensors.keys())
-            for name in names:
-                shape_name = name.removesuffix("_packed") + "_shape"
-                # the packed matrix's (rows, columns); read only if it is that small (files are hostile)
-                if name.endswith("weight_packed") and shape_name in names and tensors.get_slice(shape_name).get_shape() == [2]:
-                    dense += math.prod(int(n) for n in tensors.get_tensor(shape_name).tolist())
-                elif not name.endswith(_OVERHEAD_SUFFIXES):
-                    dense += math.prod(tensors.get_slice(name).get_shape())
+        try:
+            with safe_open(file, "pt") as tensors:
+                names = set(tensors.keys())
+                for name in names:
+                    shape_name = name.removesuffix("_packed") + "_shape"
+                    # the packed matrix's (rows, columns); read only if it is that small
+                    if name.endswith("weight_packed") and shape_name in names and tensors.get_slice(shape_name).get_shape() == [2]:
+                        dense += math.prod(int(n) for n in tensors.get_tensor(shape_name).tolist())
+                    elif not name.endswith(_OVERHEAD_SUFFIXES):
+                        dense += math.prod(tensors.get_slice(name).get_shape())
+        except SafetensorError as err:
+            raise UserError.field(field, str(model_dir), f"{file.name} is not a readable safetensors file ({err})") from None
     return dense * itemsize
 
 
